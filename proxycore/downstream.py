@@ -1,0 +1,198 @@
+"""One client connection: read request heads with h11, run exchanges in order.
+
+h11 (server role) parses each request head; a fresh ``h11.Connection`` is made
+per cycle because the body is forwarded raw by the exchange, which h11 cannot
+follow. Bytes read past a body's end (pipelined requests) are carried over in
+``pending`` to the next cycle, so pipelined requests are answered in order.
+
+h11 checks its size limit only on incomplete data, counts no headers and
+accepts any ``HTTP/d.d``: the head size, header count and version limits are
+enforced here. h11's error messages quote raw header lines, so they are never
+passed on; the client gets a generic reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Final
+
+import h11
+import trio
+
+from .accesslog import ExchangeRecord, log_exchange
+from .config import ServerSettings
+from .errors import (
+    BadRequest,
+    DownstreamError,
+    DownstreamTimeout,
+    HeadTooLarge,
+    ProxyError,
+    UnsupportedVersion,
+    error_body,
+)
+from .exchange import Exchange
+from .headers import request_id_from, serialize_head
+from .pipe import CHUNK
+from .state import ProxyState
+from .stream import RawStream, StreamBroken
+
+__all__ = ["ClientConnection"]
+
+log: Final = logging.getLogger("proxycore.downstream")
+
+_REASONS: Final = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    499: b"Client Closed Request",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+class ClientConnection:
+    """Drives one accepted client socket until it closes. Never raises."""
+
+    def __init__(self, sock: socket.socket, peer_ip: str, state: ProxyState) -> None:
+        self.stream = RawStream(sock)
+        self.peer_ip = peer_ip
+        self.state = state
+        #: Read buffer (client -> upstream body) and write buffer (upstream -> client).
+        self.rbuf = bytearray(CHUNK)
+        self.wbuf = bytearray(CHUNK)
+        #: Bytes received past the current request (the start of the next one).
+        self.pending = b""
+
+    async def serve(self) -> None:
+        """Answer requests until the client closes, errs or idles out.
+
+        Resource handling: the socket is closed when this returns or is cancelled.
+        """
+        state = self.state
+        state.open_connections += 1
+        try:
+            first = True
+            while True:
+                snapshot = state.snapshot
+                request = await self._read_head(snapshot.config.server, first)
+                if request is None:
+                    return
+                first = False
+                exchange = Exchange(self, request, self.pending, snapshot)
+                if not await exchange.run():
+                    return
+        except Exception:
+            log.exception("unexpected error on a client connection")
+        finally:
+            state.open_connections -= 1
+            self.stream.close()
+
+    async def _read_head(self, server: ServerSettings, first: bool) -> h11.Request | None:
+        limit = server.max_header_bytes
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+        data, self.pending = self.pending, b""
+        fed = 0
+        if not data:
+            wait = server.header_timeout if first else server.keepalive_timeout
+            with trio.move_on_after(wait):
+                data = await self._recv()
+            if not data:
+                return None  # closed, or idle past the keep-alive timeout: close quietly
+        try:
+            with trio.fail_after(server.header_timeout):
+                while True:
+                    h.receive_data(data)
+                    fed += len(data)
+                    try:
+                        event = h.next_event()
+                    except h11.RemoteProtocolError as exc:
+                        if exc.error_status_hint == 431:
+                            raise HeadTooLarge("request head too large") from None
+                        raise BadRequest("malformed request head") from None
+                    if isinstance(event, h11.Request):
+                        break
+                    if fed > limit:
+                        raise HeadTooLarge("request head too large")
+                    data = await self._recv()
+                    if not data:
+                        return None  # closed mid-head
+        except trio.TooSlowError:
+            await self._refuse(DownstreamTimeout("request head not received in time"))
+            return None
+        except DownstreamError as exc:
+            await self._refuse(exc)
+            return None
+        trailing = h.trailing_data[0]
+        try:
+            if fed - len(trailing) > limit:
+                raise HeadTooLarge("request head too large")
+            if len(event.headers) > server.max_header_count:
+                raise HeadTooLarge(f"more than {server.max_header_count} header fields")
+            if event.http_version not in (b"1.1", b"1.0"):
+                raise UnsupportedVersion("only HTTP/1.0 and HTTP/1.1 are supported")
+        except DownstreamError as exc:
+            await self._refuse(exc, event.method)
+            return None
+        self.pending = trailing
+        return event
+
+    async def _recv(self) -> bytes:
+        try:
+            n = await self.stream.recv_into(self.rbuf, CHUNK)
+        except StreamBroken:
+            return b""
+        return bytes(self.rbuf[:n])
+
+    async def _refuse(self, exc: DownstreamError, method: bytes = b"") -> None:
+        """Answer a request whose head was refused, log it, and (always) close."""
+        rid = request_id_from([])
+        record = ExchangeRecord(
+            request_id=rid,
+            method=method.decode("ascii", "replace"),
+            client=self.peer_ip,
+            status=exc.status,
+            outcome=exc.outcome,
+            started=trio.current_time(),
+        )
+        log_exchange(record)
+        await self.send_error(exc, rid.encode(), True, method)
+
+    async def send_error(
+        self, exc: ProxyError, request_id: bytes, close: bool, method: bytes = b""
+    ) -> None:
+        """Write a proxy-made JSON error response. Errors while writing are ignored."""
+        body = error_body(exc.type, exc.message, request_id.decode("ascii"))
+        headers = [
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Cache-Control", b"no-store"),
+            (b"X-Request-ID", request_id),
+        ]
+        headers.extend(exc.headers)
+        if close:
+            headers.append((b"Connection", b"close"))
+        reason = _REASONS.get(exc.status, b"Error")
+        head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (exc.status, reason), headers)
+        try:
+            await self.stream.send_all(head if method == b"HEAD" else head + body)
+        except StreamBroken:
+            pass
+
+    async def wait_closed(self) -> bool:
+        """Wait until the client closes (True) or sends more bytes (False).
+
+        The bytes, if any, stay in the socket for the next cycle.
+        """
+        while True:
+            await trio.lowlevel.wait_readable(self.stream.sock)
+            closed = self.stream.peek_closed()
+            if closed is not None:
+                return closed

@@ -1,0 +1,141 @@
+"""The proxy's error tree and how an error becomes a client response.
+
+Every error the proxy answers on its own (as opposed to relaying the upstream's
+answer) is a :class:`ProxyError` carrying the status to send, a short machine
+``type`` for the JSON body, and a message that is safe to show to the client:
+it never quotes request bytes, headers or secrets.
+
+Pure module: no trio, no sockets.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+__all__ = [
+    "BadRequest",
+    "ClientGone",
+    "DownstreamError",
+    "DownstreamTimeout",
+    "ExpectationFailed",
+    "HeadTooLarge",
+    "NoRoute",
+    "ProxyError",
+    "UnsupportedVersion",
+    "UpstreamConnectError",
+    "UpstreamConnectTimeout",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamReset",
+    "UpstreamTimeout",
+    "error_body",
+]
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy turns into a response of its own."""
+
+    status: ClassVar[int] = 502
+    type: ClassVar[str] = "proxy_error"
+    #: Short word for logs and the access log's ``outcome`` field.
+    outcome: ClassVar[str] = "error"
+
+    def __init__(self, message: str, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        #: Extra response headers (``Allow``, ``Retry-After``, ``WWW-Authenticate``...).
+        self.headers: list[tuple[bytes, bytes]] = headers or []
+
+
+class DownstreamError(ProxyError):
+    """The client sent something we refuse; answered 400 and the connection closed."""
+
+    status = 400
+    type = "bad_request"
+    outcome = "bad_request"
+
+
+class BadRequest(DownstreamError):
+    pass
+
+
+class HeadTooLarge(DownstreamError):
+    status = 431
+    type = "request_header_fields_too_large"
+
+
+class UnsupportedVersion(DownstreamError):
+    status = 505
+    type = "http_version_not_supported"
+
+
+class DownstreamTimeout(DownstreamError):
+    status = 408
+    type = "request_timeout"
+    outcome = "client_timeout"
+
+
+class ClientGone(DownstreamError):
+    """The client closed or reset its connection; nothing can be answered."""
+
+    status = 499
+    type = "client_closed_request"
+    outcome = "client_gone"
+
+
+class NoRoute(ProxyError):
+    status = 404
+    type = "no_route"
+    outcome = "no_route"
+
+
+class UpstreamError(ProxyError):
+    status = 502
+    type = "bad_gateway"
+    outcome = "upstream_error"
+    #: Metric label: connect, timeout, reset, protocol.
+    kind: ClassVar[str] = "protocol"
+
+
+class UpstreamConnectError(UpstreamError):
+    type = "upstream_unreachable"
+    outcome = "upstream_connect_error"
+    kind = "connect"
+
+
+class UpstreamReset(UpstreamError):
+    type = "upstream_reset"
+    outcome = "upstream_reset"
+    kind = "reset"
+
+
+class UpstreamProtocolError(UpstreamError):
+    type = "upstream_protocol_error"
+    outcome = "upstream_protocol_error"
+    kind = "protocol"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "upstream_timeout"
+    outcome = "upstream_timeout"
+    kind = "timeout"
+
+
+def error_body(status_type: str, message: str, request_id: str) -> bytes:
+    """The JSON body of every proxy-made error response."""
+    return json.dumps(
+        {"error": {"type": status_type, "message": message, "request_id": request_id}},
+        separators=(",", ":"),
+    ).encode()
+
+
+class UpstreamConnectTimeout(UpstreamConnectError):
+    outcome = "upstream_connect_timeout"
+    kind = "timeout"
+
+
+class ExpectationFailed(DownstreamError):
+    status = 417
+    type = "expectation_failed"

@@ -1,0 +1,517 @@
+"""One request/response exchange: client -> route -> upstream -> client.
+
+The path of one request (see docs/architecture.md):
+
+1. ``run`` checks the target, the request framing and ``Expect``, and finds
+   the route (the config snapshot was taken when the exchange started).
+2. ``_forward`` builds the upstream head, takes a pooled connection or opens
+   one (``connect`` timeout) and writes head plus the body bytes in hand in
+   one send.
+3. Two tasks then run in one nursery: ``_client_side`` pumps the rest of the
+   request body upstream and afterwards watches the client for EOF (a client
+   that goes away cancels the exchange at once); ``_upstream_side`` reads the
+   response head (``response`` timeout), writes the client head with the
+   first body bytes, and pumps the body (``idle`` timeout between reads).
+4. The upstream connection goes back to the pool only if both messages
+   completed cleanly and nothing was left over; otherwise it is closed.
+
+Every proxy-made error goes through ``_fail``: before the response head was
+sent it becomes a JSON error response; after, the client connection is cut
+without a clean end so the client sees a truncated body, never a falsely
+complete one.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final
+
+import h11
+import trio
+
+from .accesslog import ExchangeRecord, log_exchange
+from .config import Timeouts
+from .chunked import ChunkedError, ChunkedScanner, encode_chunk_header
+from .errors import (
+    BadRequest,
+    ClientGone,
+    DownstreamError,
+    DownstreamTimeout,
+    ExpectationFailed,
+    NoRoute,
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+    error_body,
+)
+from .headers import (
+    CHUNKED,
+    NO_BODY,
+    UNTIL_CLOSE,
+    Framing,
+    Headers,
+    connection_tokens,
+    downstream_response_headers,
+    request_framing,
+    request_id_from,
+    response_framing,
+    serialize_head,
+    upstream_request_headers,
+)
+from .pipe import (
+    CHUNK,
+    FramingError,
+    IdleTimeout,
+    SinkFailed,
+    SourceFailed,
+    pump_chunked,
+    pump_chunked_decoded,
+    pump_length,
+    pump_until_close,
+)
+from .pool import Origin, UpstreamConnection, open_connection
+from .router import Match, check_target
+from .stream import StreamBroken
+
+if TYPE_CHECKING:
+    from .downstream import ClientConnection
+    from .state import Snapshot
+
+__all__ = ["Exchange"]
+
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+MAX_INTERIM_RESPONSES: Final = 10
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+class _StaleConnection(Exception):
+    """A reused upstream connection died before any response byte: retry once."""
+
+
+class Exchange:
+    """Proxies one request. ``run`` returns whether the client connection may be reused."""
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        request: h11.Request,
+        body_start: bytes,
+        snapshot: Snapshot,
+    ) -> None:
+        self.client = client
+        self.request = request
+        self.headers: Headers = list(request.headers.raw_items())
+        self.body_start = body_start
+        self.snapshot = snapshot
+        self.method = request.method
+        self.client_11 = request.http_version == b"1.1"
+        self.record = ExchangeRecord(
+            method=request.method.decode("ascii", "replace"),
+            client=client.peer_ip,
+            started=trio.current_time(),
+        )
+        self.request_id = b""
+        self.head_sent = False
+        self.request_done = False
+        self.close_client = not self.client_11
+        self.side_error: ProxyError | None = None
+        self._remaining = 0
+        self._scanner = ChunkedScanner()
+        self._xscope: trio.CancelScope | None = None
+
+    # -- top level ---------------------------------------------------------
+
+    async def run(self) -> bool:
+        rec = self.record
+        rid = request_id_from(self.headers)
+        rec.request_id = rid
+        self.request_id = rid.encode("ascii")
+        state = self.client.state
+        state.exchanges_in_flight += 1
+        try:
+            path, query = check_target(self.request.target)
+            rec.path = path.decode("latin-1")
+            framing = request_framing(self.headers, self.request.http_version)
+            self._split_body_start(framing)
+            tokens = connection_tokens(self.headers)
+            if b"close" in tokens:
+                self.close_client = True
+            if b"upgrade" in tokens and self._has(b"upgrade"):
+                raise BadRequest("protocol upgrades (WebSocket) are not enabled on this route")
+            expect_continue = self._expect_continue(framing)
+            match = self.snapshot.router.match(path)
+            if match is None:
+                raise NoRoute(f"no route for path {rec.path!r}")
+            rec.route = match.route.name
+            await self._forward(match, query, framing, expect_continue)
+        except ProxyError as exc:
+            await self._fail(exc)
+        finally:
+            state.exchanges_in_flight -= 1
+            rec.duration = trio.current_time() - rec.started
+            log_exchange(rec)
+        return not self.close_client
+
+    def _has(self, name: bytes) -> bool:
+        return any(n.lower() == name for n, _ in self.headers)
+
+    def _expect_continue(self, framing: Framing) -> bool:
+        values = [v.strip().lower() for n, v in self.headers if n.lower() == b"expect"]
+        if not values:
+            return False
+        if any(v != b"100-continue" for v in values):
+            raise ExpectationFailed("only 'Expect: 100-continue' is supported")
+        return self.client_11 and not self.request_done
+
+    def _split_body_start(self, framing: Framing) -> None:
+        """Split the bytes read past the head into this body's start and what follows."""
+        data = self.body_start
+        if framing.kind == "length":
+            self.body_start = data[: framing.length]
+            self.client.pending = data[framing.length :]
+            self._remaining = framing.length - len(self.body_start)
+            self.request_done = self._remaining == 0
+        elif framing.kind == "chunked":
+            self._scanner = ChunkedScanner()
+            try:
+                end = self._scanner.feed(data)
+            except ChunkedError:
+                raise BadRequest("malformed chunked request body") from None
+            self.body_start = data[:end]
+            self.client.pending = data[end:]
+            self.request_done = self._scanner.done
+        else:
+            self.body_start = b""
+            self.client.pending = data
+            self.request_done = True
+        self.record.bytes_in = len(self.body_start)
+        if not self.request_done:
+            # Until the body is read to its end we don't know where the next request starts.
+            self.client.pending = b""
+
+    # -- upstream ----------------------------------------------------------
+
+    async def _forward(
+        self, match: Match, query: bytes, framing: Framing, expect_continue: bool
+    ) -> None:
+        route = match.route
+        up = route.target
+        timeouts = self.snapshot.config.timeouts_for(route)
+        self.record.upstream = f"{up.scheme}://{up.host_header}"
+        headers = upstream_request_headers(
+            self.headers,
+            host=self._host_header(route.preserve_host, up.host_header),
+            client_ip=self.client.peer_ip.encode(),
+            request_id=self.request_id,
+            framing=framing,
+            identity_encoding=route.accept_encoding == "identity",
+        )
+        start = b"%s %s%s HTTP/1.1\r\n" % (self.method, match.upstream_path, query)
+        head = serialize_head(start, headers) + self.body_start
+        origin: Origin = (up.scheme, up.host, up.port, route.ca_file)
+        with trio.CancelScope() as total:
+            if timeouts.total:
+                total.deadline = self.record.started + timeouts.total
+            retried = False
+            while True:
+                conn = await self._connect(origin, timeouts.connect)
+                try:
+                    await self._exchange(conn, head, framing, expect_continue, timeouts)
+                except _StaleConnection:
+                    if retried or not self._may_retry(framing):
+                        raise UpstreamReset("upstream closed the connection") from None
+                    retried = True
+                    continue
+                break
+        if total.cancelled_caught:
+            raise UpstreamTimeout(f"exchange exceeded the total timeout ({timeouts.total:g} s)")
+
+    def _host_header(self, preserve: bool, upstream_host: str) -> bytes:
+        if preserve:
+            for name, value in self.headers:
+                if name.lower() == b"host":
+                    return value
+        return upstream_host.encode("ascii")
+
+    def _may_retry(self, framing: Framing) -> bool:
+        return framing is NO_BODY and self.method in IDEMPOTENT
+
+    async def _connect(self, origin: Origin, timeout: float) -> UpstreamConnection:
+        pool = self.client.state.pool
+        conn = pool.checkout(origin)
+        if conn is not None:
+            return conn
+        scheme, host, port, _ = origin
+        with trio.move_on_after(timeout):
+            try:
+                return await open_connection(origin)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                raise UpstreamConnectError(
+                    f"cannot connect to upstream {host}:{port}: {reason}"
+                ) from None
+            except StreamBroken as exc:
+                raise UpstreamConnectError(f"upstream {host}:{port}: {exc}") from None
+        raise UpstreamConnectTimeout(f"connecting to upstream {host}:{port} timed out")
+
+    async def _exchange(
+        self,
+        conn: UpstreamConnection,
+        head: bytes,
+        framing: Framing,
+        expect_continue: bool,
+        timeouts: Timeouts,
+    ) -> None:
+        reusable = False
+        try:
+            try:
+                await conn.stream.send_all(head)
+            except StreamBroken:
+                if conn.uses:
+                    raise _StaleConnection from None
+                raise UpstreamReset("upstream closed the connection") from None
+            if expect_continue:
+                await self._send_client(CONTINUE)
+            main_error: ProxyError | None = None
+            with trio.CancelScope() as xscope:
+                self._xscope = xscope
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._client_side, conn, framing, timeouts.idle)
+                    try:
+                        reusable = await self._upstream_side(conn, timeouts)
+                    except ProxyError as exc:
+                        main_error = exc
+                    finally:
+                        nursery.cancel_scope.cancel()
+            if self.side_error is not None:
+                raise self.side_error
+            if main_error is not None:
+                raise main_error
+            if not self.request_done:
+                # The response ended before the request body: we can't find the next request.
+                self.close_client = True
+                reusable = False
+        finally:
+            if reusable and self.request_done:
+                self.client.state.pool.checkin(conn)
+            else:
+                conn.close()
+
+    async def _client_side(self, conn: UpstreamConnection, framing: Framing, idle: float) -> None:
+        """Pump the rest of the request body upstream, then watch the client for EOF."""
+        client = self.client
+        try:
+            if not self.request_done:
+                if framing.kind == "length":
+                    moved = await pump_length(
+                        client.stream, conn.stream, client.rbuf, self._remaining, idle
+                    )
+                else:
+                    moved, client.pending = await pump_chunked(
+                        client.stream, conn.stream, client.rbuf, self._scanner, idle
+                    )
+                self.record.bytes_in += moved
+                self.request_done = True
+        except SourceFailed:
+            self._abort(ClientGone("client went away during the request body"))
+            return
+        except FramingError:
+            self._abort(BadRequest("malformed chunked request body"))
+            return
+        except IdleTimeout:
+            self._abort(DownstreamTimeout(f"request body stalled for {idle:g} s"))
+            return
+        except SinkFailed:
+            # The upstream stopped reading; its response (or failure) decides.
+            return
+        if not client.pending and await client.wait_closed():
+            self._abort(ClientGone("client went away"))
+
+    def _abort(self, exc: ProxyError) -> None:
+        self.side_error = exc
+        assert self._xscope is not None
+        self._xscope.cancel()
+
+    async def _read_response_head(
+        self, conn: UpstreamConnection, timeout: float
+    ) -> tuple[h11.Response, bytes]:
+        limit = self.snapshot.config.server.max_header_bytes
+        h = h11.Connection(h11.CLIENT, max_incomplete_event_size=limit)
+        # h11 parses a response as the answer to the request it saw sent: give it
+        # the method (HEAD changes framing); the real head was serialized by us.
+        h.send(h11.Request(method=self.method, target=b"/", headers=[(b"Host", b"upstream")]))
+        buf = self.client.wbuf
+        got = 0
+        interim = 0
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    event = h.next_event()
+                except h11.RemoteProtocolError:
+                    raise UpstreamProtocolError("malformed response head from upstream") from None
+                if event is h11.NEED_DATA:
+                    try:
+                        n = await conn.stream.recv_into(buf, CHUNK)
+                    except StreamBroken:
+                        n = 0
+                    if not n:
+                        if not got and conn.uses:
+                            raise _StaleConnection
+                        raise UpstreamReset("upstream closed the connection before responding")
+                    if not got:
+                        self.record.ttfb = trio.current_time() - self.record.started
+                    got += n
+                    h.receive_data(bytes(buf[:n]))
+                    continue
+                if isinstance(event, h11.InformationalResponse):
+                    interim += 1
+                    await self._interim(event, interim)
+                    continue
+                assert isinstance(event, h11.Response)
+                trailing = h.trailing_data[0]
+                if got - len(trailing) > limit:
+                    raise UpstreamProtocolError("upstream response head too large")
+                if len(event.headers) > self.snapshot.config.server.max_header_count:
+                    raise UpstreamProtocolError("upstream response has too many header fields")
+                return event, trailing
+        raise UpstreamTimeout(f"no response head from upstream within {timeout:g} s")
+
+    async def _interim(self, event: h11.InformationalResponse, count: int) -> None:
+        if count > MAX_INTERIM_RESPONSES:
+            raise UpstreamProtocolError("too many 1xx responses from upstream")
+        if event.status_code == 101:
+            raise UpstreamProtocolError("upstream switched protocols without an upgrade request")
+        if event.status_code == 100 or not self.client_11:
+            return  # the proxy answers Expect itself; HTTP/1.0 clients get no 1xx
+        headers = downstream_response_headers(
+            list(event.headers.raw_items()),
+            request_id=self.request_id,
+            framing=NO_BODY,
+            keep_length=False,
+            close=False,
+        )
+        await self._send_client(
+            serialize_head(b"HTTP/1.1 %d %s\r\n" % (event.status_code, event.reason), headers)
+        )
+
+    async def _upstream_side(self, conn: UpstreamConnection, timeouts: Timeouts) -> bool:
+        """Relay the response; return True if the upstream connection may be reused."""
+        response, trailing = await self._read_response_head(conn, timeouts.response)
+        status = response.status_code
+        self.record.status = status
+        up_headers: Headers = list(response.headers.raw_items())
+        up_framing = response_framing(self.method, status, up_headers)
+        reusable = response.http_version == b"1.1" and b"close" not in connection_tokens(
+            up_headers
+        )
+        kind = up_framing.kind
+        if kind == "none" or kind == "length":
+            out = up_framing
+        elif self.client_11:
+            out = CHUNKED
+        else:
+            out = UNTIL_CLOSE
+            self.close_client = True
+        if kind == "close":
+            reusable = False
+        elif kind == "chunked" and any(n.lower() == b"content-length" for n, _ in up_headers):
+            reusable = False  # Transfer-Encoding wins, but never trust this connection again
+        headers = downstream_response_headers(
+            up_headers,
+            request_id=self.request_id,
+            framing=out,
+            keep_length=self.method == b"HEAD" or status == 304,
+            close=self.close_client,
+        )
+        reason = response.reason or _phrase(status)
+        head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), headers)
+        up, down, buf, idle = conn.stream, self.client.stream, self.client.wbuf, timeouts.idle
+        try:
+            if kind == "none":
+                await self._send_head(head)
+                return reusable and not trailing
+            if kind == "length":
+                first = trailing[: up_framing.length]
+                await self._send_head(head + first)
+                rest = up_framing.length - len(first)
+                moved = await pump_length(up, down, buf, rest, idle) if rest else 0
+                self.record.bytes_out = len(first) + moved
+                return reusable and len(trailing) == len(first)
+            if kind == "chunked":
+                return reusable and await self._relay_chunked(head, trailing, conn, idle)
+            first = trailing
+            if out is CHUNKED and first:
+                first = encode_chunk_header(len(first)) + first + b"\r\n"
+            await self._send_head(head + first)
+            moved = await pump_until_close(up, down, buf, idle, chunk_encode=out is CHUNKED)
+            self.record.bytes_out = len(first) + moved
+            return False
+        except SourceFailed as exc:
+            raise UpstreamReset(f"upstream failed mid-body: {exc}") from None
+        except SinkFailed:
+            raise ClientGone("client went away during the response") from None
+        except FramingError:
+            raise UpstreamProtocolError("malformed chunked body from upstream") from None
+        except IdleTimeout:
+            raise UpstreamTimeout(f"response body idle for {idle:g} s") from None
+
+    async def _relay_chunked(
+        self, head: bytes, trailing: bytes, conn: UpstreamConnection, idle: float
+    ) -> bool:
+        scanner = ChunkedScanner()
+        spans: list[tuple[int, int]] = []
+        try:
+            end = scanner.feed(trailing, 0, None, spans)
+        except ChunkedError:
+            raise FramingError("bad chunk") from None
+        if self.client_11:
+            first = trailing[:end]
+        else:
+            first = b"".join(trailing[s:e] for s, e in spans)
+        await self._send_head(head + first)
+        leftover = trailing[end:]
+        moved = 0
+        if not scanner.done:
+            pump = pump_chunked if self.client_11 else pump_chunked_decoded
+            moved, leftover = await pump(
+                conn.stream, self.client.stream, self.client.wbuf, scanner, idle
+            )
+        self.record.bytes_out = len(first) + moved
+        return not leftover
+
+    # -- client ------------------------------------------------------------
+
+    async def _send_client(self, data: bytes) -> None:
+        try:
+            await self.client.stream.send_all(data)
+        except StreamBroken:
+            raise ClientGone("client went away") from None
+
+    async def _send_head(self, data: bytes) -> None:
+        self.head_sent = True
+        await self._send_client(data)
+
+    async def _fail(self, exc: ProxyError) -> None:
+        rec = self.record
+        rec.outcome = exc.outcome
+        if self.head_sent or isinstance(exc, ClientGone):
+            # Mid-body (or nobody to answer): cut the connection, no clean end.
+            self.close_client = True
+            if not self.head_sent:
+                rec.status = exc.status
+            self.client.stream.close()
+            return
+        rec.status = exc.status
+        if isinstance(exc, DownstreamError) or not self.request_done:
+            self.close_client = True
+        await self.client.send_error(exc, self.request_id, self.close_client, self.method)

@@ -1,0 +1,238 @@
+"""Header rewriting and body framing decisions. Pure module (bytes in, bytes out).
+
+Order matters for safety: client headers are filtered first (hop-by-hop, every
+name listed in ``Connection``, and every header the proxy owns), and the
+proxy's own headers are appended after, so no client can remove or override
+them with ``Connection: <name>``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from .errors import BadRequest, UpstreamProtocolError
+
+__all__ = [
+    "HOP_BY_HOP",
+    "Framing",
+    "Headers",
+    "connection_tokens",
+    "request_framing",
+    "request_id_from",
+    "response_framing",
+    "serialize_head",
+]
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Request headers the proxy sets itself; client copies never pass.
+PROXY_OWNED_REQUEST: Final = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+    }
+)
+
+#: Response headers the proxy sets itself.
+PROXY_OWNED_RESPONSE: Final = frozenset({b"content-length", b"x-request-id"})
+
+_REQUEST_ID_OK: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+BodyKind = Literal["none", "length", "chunked", "close"]
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    kind: BodyKind
+    length: int = 0
+
+
+NO_BODY: Final = Framing("none")
+CHUNKED: Final = Framing("chunked")
+UNTIL_CLOSE: Final = Framing("close")
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Lower-cased names listed in every ``Connection`` header."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return frozenset(tokens)
+
+
+def _values(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> list[bytes]:
+    return [v for n, v in headers if n.lower() == wanted]
+
+
+def _content_length(values: list[bytes], error: type[Exception]) -> int:
+    lengths = {v.strip() for value in values for v in value.split(b",")}
+    if len(lengths) != 1:
+        raise error("conflicting Content-Length values")
+    (raw,) = lengths
+    if not raw.isdigit() or len(raw) > 18:
+        raise error("malformed Content-Length")
+    return int(raw)
+
+
+def request_framing(headers: Headers, http_version: bytes) -> Framing:
+    """How the client frames its request body (RFC 9112 section 6.3).
+
+    Refuses what request smuggling relies on, even where h11 lets it through:
+    Content-Length together with Transfer-Encoding, differing duplicate
+    Content-Length, any Transfer-Encoding other than exactly ``chunked``, and
+    Transfer-Encoding on HTTP/1.0.
+    """
+    te = _values(headers, b"transfer-encoding")
+    cl = _values(headers, b"content-length")
+    if te:
+        if cl:
+            raise BadRequest("both Content-Length and Transfer-Encoding are present")
+        if http_version != b"1.1":
+            raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0")
+        if len(te) != 1 or te[0].strip().lower() != b"chunked":
+            raise BadRequest("Transfer-Encoding must be exactly 'chunked'")
+        return CHUNKED
+    if cl:
+        n = _content_length(cl, BadRequest)
+        return Framing("length", n) if n else NO_BODY
+    return NO_BODY
+
+
+def response_framing(method: bytes, status: int, headers: Headers) -> Framing:
+    """How the upstream frames its response body (RFC 9112 section 6.3)."""
+    if method == b"HEAD" or status < 200 or status in (204, 304):
+        return NO_BODY
+    te = _values(headers, b"transfer-encoding")
+    if te:
+        codings = [c.strip().lower() for v in te for c in v.split(b",")]
+        if codings[-1] != b"chunked":
+            return UNTIL_CLOSE
+        return CHUNKED
+    cl = _values(headers, b"content-length")
+    if cl:
+        return Framing("length", _content_length(cl, UpstreamProtocolError))
+    return UNTIL_CLOSE
+
+
+def request_id_from(headers: Headers) -> str:
+    """The client's X-Request-ID if it is sane, else a fresh random one."""
+    for name, value in headers:
+        if name.lower() == b"x-request-id" and _REQUEST_ID_OK.fullmatch(value):
+            return value.decode("ascii")
+    return os.urandom(12).hex()
+
+
+def serialize_head(start_line: bytes, headers: Headers) -> bytes:
+    """``start_line`` plus header lines plus the blank line, as one bytes object."""
+    parts = [start_line]
+    for name, value in headers:
+        parts.append(name + b": " + value + b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def upstream_request_headers(
+    client: Headers,
+    *,
+    host: bytes,
+    client_ip: bytes,
+    request_id: bytes,
+    framing: Framing,
+    identity_encoding: bool,
+) -> Headers:
+    """The header list sent upstream for one request.
+
+    ``client`` keeps its original name casing. Hop-by-hop headers, headers
+    named in ``Connection``, and the headers the proxy owns are dropped; the
+    proxy's own are appended after. X-Forwarded-For keeps the client's chain
+    (unless ``Connection`` named it) and appends the peer address.
+    """
+    dropped = connection_tokens(client) | HOP_BY_HOP
+    out: Headers = []
+    forwarded_for: list[bytes] = []
+    forwarded_host = b""
+    for name, value in client:
+        lname = name.lower()
+        if lname in dropped:
+            continue
+        if lname in PROXY_OWNED_REQUEST:
+            if lname == b"x-forwarded-for":
+                forwarded_for.append(value)
+            elif lname == b"host":
+                forwarded_host = value
+            continue
+        if identity_encoding and lname == b"accept-encoding":
+            continue
+        out.append((name, value))
+    forwarded_for.append(client_ip)
+    out.append((b"Host", host))
+    out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
+    out.append((b"X-Forwarded-Proto", b"http"))
+    if forwarded_host:
+        out.append((b"X-Forwarded-Host", forwarded_host))
+    out.append((b"X-Request-ID", request_id))
+    if identity_encoding:
+        out.append((b"Accept-Encoding", b"identity"))
+    if framing.kind == "length":
+        out.append((b"Content-Length", b"%d" % framing.length))
+    elif framing.kind == "chunked":
+        out.append((b"Transfer-Encoding", b"chunked"))
+    return out
+
+
+def downstream_response_headers(
+    upstream: Headers,
+    *,
+    request_id: bytes,
+    framing: Framing,
+    keep_length: bool,
+    close: bool,
+) -> Headers:
+    """The header list sent to the client for one upstream response.
+
+    ``framing`` is how the proxy frames the body to the client. With
+    ``keep_length`` (HEAD, 304) the upstream's Content-Length is kept as it
+    describes the representation, not this message.
+    """
+    dropped = connection_tokens(upstream) | HOP_BY_HOP
+    out: Headers = []
+    for name, value in upstream:
+        lname = name.lower()
+        if lname in dropped:
+            continue
+        if lname in PROXY_OWNED_RESPONSE and not (keep_length and lname == b"content-length"):
+            continue
+        out.append((name, value))
+    if framing.kind == "length":
+        out.append((b"Content-Length", b"%d" % framing.length))
+    elif framing.kind == "chunked":
+        out.append((b"Transfer-Encoding", b"chunked"))
+    out.append((b"X-Request-ID", request_id))
+    if close:
+        out.append((b"Connection", b"close"))
+    return out
