@@ -411,9 +411,7 @@ class Exchange:
         self.record.status = status
         up_headers: Headers = list(response.headers.raw_items())
         up_framing = response_framing(self.method, status, up_headers)
-        reusable = response.http_version == b"1.1" and b"close" not in connection_tokens(
-            up_headers
-        )
+        reusable = response.http_version == b"1.1" and b"close" not in connection_tokens(up_headers)
         kind = up_framing.kind
         if kind == "none" or kind == "length":
             out = up_framing

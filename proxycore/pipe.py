@@ -76,9 +76,7 @@ async def _recv(src: Stream, buf: bytearray, nbytes: int) -> int:
         raise SourceFailed(str(exc)) from None
 
 
-async def pump_length(
-    src: Stream, dst: Stream, buf: bytearray, remaining: int, idle: float
-) -> int:
+async def pump_length(src: Stream, dst: Stream, buf: bytearray, remaining: int, idle: float) -> int:
     """Copy exactly ``remaining`` bytes (a Content-Length body's rest)."""
     view = memoryview(buf)
     moved = 0

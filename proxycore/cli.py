@@ -1,0 +1,128 @@
+"""The ``proxycore`` command: serve, check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .accesslog import configure_logging
+from .config import Config, ConfigError, Route, ServerSettings
+
+__all__ = ["load_config", "main", "route_table"]
+
+EXIT_CONFIG = 2
+
+
+def _add_source_args(p: argparse.ArgumentParser, *, allow_upstream: bool) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--config", metavar="FILE", help="TOML config file")
+    group.add_argument("--routes", metavar="FILE", help="legacy JSON route table")
+    if allow_upstream:
+        group.add_argument("--upstream", metavar="URL", help="one catch-all route to URL")
+        p.add_argument(
+            "--listen",
+            metavar="HOST:PORT",
+            help="listen address (with --upstream; default 127.0.0.1:8080)",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxycore", description="Streaming reverse proxy for LLM, SSE and agent traffic."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    _add_source_args(serve, allow_upstream=True)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serve.add_argument("--no-access-log", action="store_true", help="turn the access log off")
+
+    check = sub.add_parser("check", help="validate a config and print the route table")
+    _add_source_args(check, allow_upstream=False)
+
+    demo = sub.add_parser("demo", help="run a built-in LLM-like upstream behind the proxy")
+    demo.add_argument("--requests", type=int, default=3, help="streamed requests to send")
+    demo.add_argument("--events", type=int, default=8, help="events per stream")
+    demo.add_argument("--keep", action="store_true", help="keep both running afterwards")
+    demo.add_argument("--port", type=int, default=0, help="proxy port with --keep (0: any)")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The config the arguments name. Raises ConfigError."""
+    if getattr(args, "upstream", None):
+        listen = args.listen or "127.0.0.1:8080"
+        return Config(
+            routes=(Route(prefix="/", upstream=args.upstream),),
+            server=ServerSettings(listen=(listen,)),
+        )
+    if args.routes:
+        return Config.from_legacy_json(args.routes)
+    return Config.from_toml(args.config)
+
+
+def route_table(config: Config) -> str:
+    """A plain-text table of the routes (no secrets: tokens are never read here)."""
+    rows = [("PREFIX", "UPSTREAM", "STRIP", "HOST", "TIMEOUTS (connect/response/idle/total)")]
+    for route in sorted(config.routes, key=lambda r: r.prefix):
+        t = config.timeouts_for(route)
+        rows.append(
+            (
+                route.prefix,
+                route.upstream,
+                "yes" if route.strip_prefix else "no",
+                "client" if route.preserve_host else "upstream",
+                f"{t.connect:g}/{t.response:g}/{t.idle:g}/{t.total:g}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    listen = ", ".join(config.server.listen)
+    return f"listen: {listen}\n" + "\n".join(line.rstrip() for line in lines)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"config is invalid ({len(exc.problems)} problem(s)):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(route_table(config))
+    print("config OK")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    configure_logging(args.log_level, access=not args.no_access_log)
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"proxycore: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        trio.run(serve, config)
+    except OSError as exc:
+        print(f"proxycore: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return _cmd_check(args)
+    if args.command == "serve":
+        return _cmd_serve(args)
+    from .demo import run_demo
+
+    return run_demo(args.requests, args.events, keep=args.keep, port=args.port)

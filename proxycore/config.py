@@ -1,0 +1,654 @@
+"""Typed, immutable proxy configuration.
+
+A :class:`Config` is built in code or loaded from TOML (:meth:`Config.from_toml`) or from the
+legacy JSON route table of the sidecar proxycore replaces (:meth:`Config.from_legacy_json`).
+Every dataclass validates itself in ``__post_init__`` and raises :class:`ConfigError`; loaders
+collect *all* problems of a file and report them together as ``"<file>: <key.path>: <problem>"``.
+
+This module is pure (stdlib only, no trio/h11) and never reads secret values: it only holds
+environment variable *names* and file *paths*, and never echoes URLs or credential fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_T = TypeVar("_T")
+_D = TypeVar("_D", bound="DataclassInstance")
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_KIND_NAMES: dict[type, str] = {bool: "a boolean", int: "an integer", float: "a number"}
+_ENCODINGS = ("passthrough", "identity")
+
+
+class ConfigError(Exception):
+    """Invalid configuration; ``problems`` holds every problem found (``str()`` joins them)."""
+
+    problems: tuple[str, ...]
+
+    def __init__(self, problems: str | Iterable[str]) -> None:
+        self.problems = (problems,) if isinstance(problems, str) else tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _join(prefix: str, path: str) -> str:
+    if not prefix:
+        return path
+    return prefix + path if path.startswith("[") else f"{prefix}.{path}"
+
+
+class _Problems:
+    """Collects ``"key.path: message"`` strings and raises them together."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{path}: {message}")
+
+    def absorb(
+        self,
+        exc: ConfigError,
+        prefix: str,
+        rename: Mapping[str, str] | None = None,
+        skip: Iterable[str] = (),
+    ) -> None:
+        """Record a nested object's problems under ``prefix``, renaming or skipping keys."""
+        for problem in exc.problems:
+            path, _, message = problem.partition(": ")
+            path = (rename or {}).get(path, path)
+            if path not in skip:
+                self.add(_join(prefix, path), message)
+
+    def check(self, source: str | None = None) -> None:
+        if self.items:
+            raise ConfigError(f"{source}: {item}" if source else item for item in self.items)
+
+
+def _describe(value: object, *, show: bool = True) -> str:
+    """Name the type of ``value`` (with the value itself for scalars unless ``show=False``)."""
+    if isinstance(value, bool):
+        kind, text = "boolean", str(value).lower()
+    elif isinstance(value, int):
+        kind, text = "integer", str(value)
+    elif isinstance(value, float):
+        kind, text = "float", repr(value)
+    elif isinstance(value, str):
+        kind, text = "string", repr(value if len(value) <= 40 else value[:40] + "...")
+    elif isinstance(value, Mapping):
+        return "a table"
+    elif isinstance(value, list | tuple):
+        return "an array"
+    else:
+        return type(value).__name__
+    return f"{kind} {text}" if show else kind
+
+
+def _typed(
+    p: _Problems,
+    obj: object,
+    name: str,
+    kind: type[_T],
+    *,
+    optional: bool = False,
+    show: bool = True,
+) -> _T | None:
+    """Return attribute ``name`` if it is a ``kind``, else record a problem and return None.
+
+    Ints are accepted (and stored) as floats; booleans are never accepted as numbers.
+    """
+    value = getattr(obj, name)
+    if value is None and optional:
+        return None
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is float and is_number:
+        if isinstance(value, int):
+            value = float(value) if abs(value) < 2**1000 else math.inf
+        object.__setattr__(obj, name, value)
+        return cast(_T, value)
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    expected = _KIND_NAMES.get(kind, "a string")
+    p.add(name, f"expected {expected}, got {_describe(value, show=show)}")
+    return None
+
+
+def _number(p: _Problems, obj: object, name: str, *, zero_ok: bool) -> None:
+    """Validate a finite number of seconds, ``> 0`` (or ``>= 0`` when ``zero_ok``)."""
+    value = _typed(p, obj, name, float)
+    if value is None:
+        return
+    if not math.isfinite(value):
+        p.add(name, f"must be a finite number, got {value}")
+    elif value < 0 or (value == 0 and not zero_ok):
+        p.add(name, f"must be {'>= 0' if zero_ok else '> 0'}, got {value:g}")
+
+
+def _integer(p: _Problems, obj: object, name: str, low: int, high: int | None = None) -> None:
+    value = _typed(p, obj, name, int)
+    if value is not None and (value < low or (high is not None and value > high)):
+        bound = f">= {low}" if high is None else f"between {low} and {high}"
+        p.add(name, f"must be {bound}, got {value}")
+
+
+def _instance(p: _Problems, obj: object, name: str, cls: type, *, optional: bool = False) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, cls) and not (optional and value is None):
+        p.add(name, f"expected {cls.__name__}, got {_describe(value, show=False)}")
+
+
+def _bad_chars(text: str) -> bool:
+    """True if ``text`` contains whitespace or control characters."""
+    return any(c.isspace() or not c.isprintable() for c in text)
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(unquote(segment) in (".", "..") for segment in path.split("/"))
+
+
+def _check_host(host: str) -> None:
+    """Raise ValueError unless ``host`` is an IPv6 literal (no brackets) or a hostname/IPv4."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 address {host!r}") from None
+    elif not _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(f"invalid host {host!r}")
+
+
+def _parse_upstream(url: str) -> Upstream:
+    """Parse an upstream URL; raises ValueError whose message never echoes the URL."""
+    if _bad_chars(url) or not url.isascii():
+        raise ValueError("must be ASCII without whitespace or control characters")
+    if "://" not in url:
+        raise ValueError("must be an absolute URL starting with http:// or https://")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        bad_port = "port" in str(exc).lower()
+        raise ValueError(
+            "port must be between 1 and 65535" if bad_port else "invalid URL"
+        ) from None
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"scheme must be http or https, got {parts.scheme!r}")
+    if "@" in parts.netloc:
+        raise ValueError("must not contain credentials (user:password@); use inject instead")
+    if "?" in url or "#" in url:
+        raise ValueError("must not contain a query string or fragment")
+    if not parts.hostname:
+        raise ValueError("host is required")
+    _check_host(parts.hostname)
+    if port == 0:
+        raise ValueError("port must be between 1 and 65535")
+    path = parts.path or "/"
+    if _has_dot_segment(path):
+        raise ValueError("path must not contain '.' or '..' segments")
+    return Upstream(parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme], path)
+
+
+def _prefix_problem(prefix: str) -> str | None:
+    if not prefix.startswith("/"):
+        return f"must start with '/', got {prefix!r}"
+    if _bad_chars(prefix) or not prefix.isascii() or "?" in prefix or "#" in prefix:
+        return f"must be ASCII without whitespace, control characters, '?' or '#', got {prefix!r}"
+    if _has_dot_segment(prefix):
+        return f"must not contain '.' or '..' segments (also percent-encoded), got {prefix!r}"
+    return None
+
+
+def _parse_listen(addr: str) -> tuple[str, int]:
+    """Parse ``host:port`` or ``[ipv6]:port``; raises ValueError with a readable message."""
+    hint = f"expected 'host:port' or '[ipv6]:port', got {addr!r}"
+    if addr.startswith("["):
+        host, sep, port_text = addr[1:].partition("]:")
+    else:
+        host, sep, port_text = addr.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"IPv6 addresses must be in brackets like '[::1]:8080', got {addr!r}")
+    if not sep or not host:
+        raise ValueError(hint)
+    _check_host(host)
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
+        raise ValueError(f"port must be between 0 and 65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def _duplicates(p: _Problems, prefixes: Iterable[tuple[int, str]], key: str = "prefix") -> None:
+    """Record duplicate route prefixes; '/api' and '/api/' count as the same prefix."""
+    seen: dict[str, int] = {}
+    for index, prefix in prefixes:
+        norm = prefix.rstrip("/")
+        if norm in seen:
+            p.add(f"routes[{index}].{key}", f"duplicate of routes[{seen[norm]}] ({prefix!r})")
+        else:
+            seen[norm] = index
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Upstream timeouts in seconds: connect, response head, idle gap between body reads and the
+    whole exchange (``total = 0`` means no limit)."""
+
+    connect: float = 10.0
+    response: float = 3600.0
+    idle: float = 3600.0
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        for name in ("connect", "response", "idle"):
+            _number(p, self, name, zero_ok=False)
+        _number(p, self, "total", zero_ok=True)
+        p.check()
+
+
+@dataclass(frozen=True, slots=True)
+class Inject:
+    """Credential injection: send ``header: [scheme ]<token>`` with the token read (elsewhere, at
+    runtime) from environment variable ``token_env`` or from file ``token_file``."""
+
+    header: str = "Authorization"
+    scheme: str | None = None
+    token_env: str | None = None
+    token_file: str | None = None
+
+    def __post_init__(self) -> None:
+        p = _Problems()  # values are never echoed: a misplaced token must not leak into logs
+        header = _typed(p, self, "header", str, show=False)
+        if header is not None and not _TOKEN_RE.fullmatch(header):
+            p.add("header", "must be a valid HTTP header name")
+        scheme = _typed(p, self, "scheme", str, optional=True, show=False)
+        if scheme is not None and not _TOKEN_RE.fullmatch(scheme):
+            p.add("scheme", "must be a single token such as 'Bearer' (no spaces)")
+        env = _typed(p, self, "token_env", str, optional=True, show=False)
+        if env is not None and not _ENV_NAME_RE.fullmatch(env):
+            p.add("token_env", "must be the name of an environment variable, not the token itself")
+        path = _typed(p, self, "token_file", str, optional=True, show=False)
+        if path is not None and (not path or "\0" in path):
+            p.add("token_file", "must be a non-empty file path")
+        if (self.token_env is None) == (self.token_file is None):
+            p.add("token_env", "exactly one of token_env or token_file must be set")
+        p.check()
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Parsed form of a route's upstream URL (built by :class:`Route`)."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+
+    @property
+    def host_header(self) -> str:
+        """Value for the Host header: port only when not the scheme default; IPv6 bracketed."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == _DEFAULT_PORTS.get(self.scheme) else f"{host}:{self.port}"
+
+    @property
+    def origin(self) -> tuple[str, str, int]:
+        """``(scheme, host, port)``, the connection-pool key."""
+        return (self.scheme, self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Forward requests whose path starts with ``prefix`` to ``upstream``.
+
+    With ``strip_prefix``, ``/v1/x`` under prefix ``/v1/`` and upstream ``http://h/api/`` goes to
+    ``/api/x``. ``timeouts=None`` uses :attr:`Config.timeouts`; ``name`` defaults to ``prefix``.
+    """
+
+    prefix: str
+    upstream: str
+    strip_prefix: bool = True
+    preserve_host: bool = False
+    accept_encoding: str = "passthrough"
+    ca_file: str | None = None
+    timeouts: Timeouts | None = None
+    inject: Inject | None = None
+    name: str = ""
+    target: Upstream = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        prefix = _typed(p, self, "prefix", str)
+        if prefix is not None and (problem := _prefix_problem(prefix)):
+            p.add("prefix", problem)
+        upstream = _typed(p, self, "upstream", str, show=False)
+        target = None
+        if upstream is not None:
+            try:
+                target = _parse_upstream(upstream)
+            except ValueError as exc:
+                p.add("upstream", str(exc))
+        _typed(p, self, "strip_prefix", bool)
+        _typed(p, self, "preserve_host", bool)
+        encoding = _typed(p, self, "accept_encoding", str)
+        if encoding is not None and encoding not in _ENCODINGS:
+            p.add("accept_encoding", f"must be 'passthrough' or 'identity', got {encoding!r}")
+        ca_file = _typed(p, self, "ca_file", str, optional=True)
+        if ca_file == "":
+            p.add("ca_file", "must be a non-empty file path")
+        elif ca_file is not None and target is not None and target.scheme != "https":
+            p.add("ca_file", "only allowed for https upstreams")
+        _instance(p, self, "timeouts", Timeouts, optional=True)
+        _instance(p, self, "inject", Inject, optional=True)
+        _typed(p, self, "name", str)
+        p.check()
+        if not self.name:
+            object.__setattr__(self, "name", self.prefix)
+        object.__setattr__(self, "target", target)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Client-facing listener settings (timeouts in seconds)."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:8080",)
+    max_connections: int = 10000
+    max_header_bytes: int = 65536
+    max_header_count: int = 100
+    header_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        listen: object = self.listen
+        single = isinstance(listen, str)  # a bare string is accepted as one address
+        addresses = (listen,) if single else listen
+        if isinstance(addresses, list | tuple):
+            object.__setattr__(self, "listen", tuple(addresses))
+            if not addresses:
+                p.add("listen", "at least one address is required")
+            for index, addr in enumerate(addresses):
+                path = "listen" if single else f"listen[{index}]"
+                if not isinstance(addr, str):
+                    p.add(path, f"expected a string, got {_describe(addr)}")
+                    continue
+                try:
+                    _parse_listen(addr)
+                except ValueError as exc:
+                    p.add(path, str(exc))
+        else:
+            p.add("listen", f"expected a string or an array of strings, got {_describe(listen)}")
+        _integer(p, self, "max_connections", 1)
+        _integer(p, self, "max_header_bytes", 1024)
+        _integer(p, self, "max_header_count", 1)
+        _number(p, self, "header_timeout", zero_ok=False)
+        _number(p, self, "keepalive_timeout", zero_ok=False)
+        p.check()
+
+    @property
+    def listen_addresses(self) -> tuple[tuple[str, int], ...]:
+        """Parsed ``(host, port)`` pairs; IPv6 hosts without brackets."""
+        return tuple(_parse_listen(addr) for addr in self.listen)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """Upstream connection pool: idle connections kept per origin (0 disables pooling) and for
+    how many seconds."""
+
+    max_idle_per_origin: int = 32
+    idle_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        _integer(p, self, "max_idle_per_origin", 0)
+        _number(p, self, "idle_timeout", zero_ok=False)
+        p.check()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole proxy configuration. Zero routes is allowed in code (not from files)."""
+
+    routes: tuple[Route, ...] = ()
+    server: ServerSettings = ServerSettings()
+    timeouts: Timeouts = Timeouts()
+    pool: PoolSettings = PoolSettings()
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        routes: object = self.routes
+        if isinstance(routes, list | tuple):
+            object.__setattr__(self, "routes", tuple(routes))
+            bad = [i for i, route in enumerate(routes) if not isinstance(route, Route)]
+            for i in bad:
+                p.add(f"routes[{i}]", f"expected Route, got {_describe(routes[i], show=False)}")
+            if not bad:
+                _duplicates(p, enumerate(route.prefix for route in routes))
+        else:
+            p.add("routes", f"expected a sequence of Route, got {_describe(routes, show=False)}")
+        _instance(p, self, "server", ServerSettings)
+        _instance(p, self, "timeouts", Timeouts)
+        _instance(p, self, "pool", PoolSettings)
+        _typed(p, self, "source", str, optional=True)
+        p.check()
+
+    def timeouts_for(self, route: Route) -> Timeouts:
+        """The route's own timeouts, or the global defaults."""
+        return route.timeouts if route.timeouts is not None else self.timeouts
+
+    def with_routes(self, routes: Sequence[Route]) -> Config:
+        """A copy of this config with ``routes`` replaced (validated again)."""
+        return dataclasses.replace(self, routes=tuple(routes))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "<config>") -> Config:
+        """Build from parsed TOML-shaped data; relative paths resolve against ``source``'s dir."""
+        raw: object = data
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: expected a table at the top level, got {_describe(raw)}")
+        p = _Problems()
+        _check_keys(p, raw, "", ("server", "timeouts", "pool", "routes"))
+        server = _build(p, ServerSettings, raw.get("server", {}), "server")
+        timeouts = _build(p, Timeouts, raw.get("timeouts", {}), "timeouts") or Timeouts()
+        pool = _build(p, PoolSettings, raw.get("pool", {}), "pool")
+        routes: list[tuple[int, Route]] = []
+        raw_routes = raw.get("routes", ())
+        if not isinstance(raw_routes, list | tuple):
+            p.add("routes", f"expected an array of tables, got {_describe(raw_routes)}")
+        elif not raw_routes:
+            p.add("routes", "at least one [[routes]] table is required")
+        else:
+            base_dir = os.path.dirname(os.path.abspath(source))
+            for index, table in enumerate(raw_routes):
+                route = _route_from_table(p, table, f"routes[{index}]", timeouts, base_dir)
+                if route is not None:
+                    routes.append((index, route))
+            _duplicates(p, ((index, route.prefix) for index, route in routes))
+        p.check(source)
+        return cls(
+            routes=tuple(route for _, route in routes),
+            server=server or ServerSettings(),
+            timeouts=timeouts,
+            pool=pool or PoolSettings(),
+            source=source,
+        )
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> Config:
+        """Load a TOML config file."""
+        source = os.fspath(path)
+        try:
+            data = tomllib.loads(_read(source, "TOML"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+        return cls.from_mapping(data, source=source)
+
+    @classmethod
+    def from_legacy_json(cls, path: str | os.PathLike[str]) -> Config:
+        """Load the legacy sidecar route table ``{"routes": [{"path", "upstream", ...}]}``."""
+        source = os.fspath(path)
+        try:
+            data = json.loads(_read(source, "JSON"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{source}: invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {_describe(data)}")
+        p = _Problems()
+        _check_keys(p, data, "", ("routes",))
+        routes: list[tuple[int, Route]] = []
+        raw_routes = data.get("routes")
+        if not isinstance(raw_routes, list) or not raw_routes:
+            p.add("routes", f"expected a non-empty array of routes, got {_describe(raw_routes)}")
+        else:
+            for index, entry in enumerate(raw_routes):
+                legacy = _build(p, _LegacyRoute, entry, f"routes[{index}]", "JSON object")
+                if legacy is not None:
+                    routes.append((index, legacy.route))
+            _duplicates(p, ((index, route.prefix) for index, route in routes), key="path")
+        p.check(source)
+        return cls(routes=tuple(route for _, route in routes), source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Config:
+        """Load ``path``: ``*.json`` as the legacy route table, anything else as TOML."""
+        if os.fspath(path).lower().endswith(".json"):
+            return cls.from_legacy_json(path)
+        return cls.from_toml(path)
+
+
+# --------------------------------------------------------------------------- loading helpers
+
+
+def _read(source: str, kind: str) -> str:
+    try:
+        with open(source, "rb") as file:
+            return file.read().decode("utf-8-sig")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: invalid {kind}: file is not valid UTF-8") from None
+
+
+def _check_keys(p: _Problems, table: Mapping[Any, Any], path: str, known: Sequence[str]) -> None:
+    for key in table:
+        if key not in known:
+            message = f"unknown key (known: {', '.join(known)})"
+            close = difflib.get_close_matches(str(key), known, n=1)
+            p.add(
+                _join(path, str(key)), message + (f"; did you mean {close[0]!r}?" if close else "")
+            )
+
+
+def _build(p: _Problems, cls: type[_D], raw: object, path: str, kind: str = "table") -> _D | None:
+    """Construct dataclass ``cls`` from table ``raw``, recording every problem under ``path``."""
+    if not isinstance(raw, Mapping):
+        p.add(path, f"expected a {kind}, got {_describe(raw)}")
+        return None
+    init_fields = [f for f in dataclasses.fields(cls) if f.init]
+    known = [f.name for f in init_fields]
+    _check_keys(p, raw, path, known)
+    kwargs = {key: value for key, value in raw.items() if key in known}
+    missing = [
+        f.name
+        for f in init_fields
+        if f.name not in raw
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    for name in missing:  # validate the rest with None standing in for missing keys
+        p.add(_join(path, name), "required key is missing")
+        kwargs[name] = None
+    try:
+        instance = cls(**kwargs)
+    except ConfigError as exc:
+        p.absorb(exc, path, skip=missing)
+        return None
+    return None if missing else instance
+
+
+def _route_from_table(
+    p: _Problems, raw: object, path: str, defaults: Timeouts, base_dir: str
+) -> Route | None:
+    """Build one ``[[routes]]`` table: merge timeouts, resolve and check files, then validate."""
+    if not isinstance(raw, Mapping):
+        p.add(path, f"expected a table, got {_describe(raw)}")
+        return None
+    table = dict(raw)
+    start = len(p.items)
+    if "timeouts" in table:
+        overrides = table["timeouts"]
+        if isinstance(overrides, Mapping):
+            overrides = {**dataclasses.asdict(defaults), **overrides}
+        table["timeouts"] = _build(p, Timeouts, overrides, f"{path}.timeouts")
+    if "inject" in table:
+        inject = table["inject"]
+        if isinstance(inject, Mapping) and isinstance(inject.get("token_file"), str):
+            inject = {**inject, "token_file": os.path.join(base_dir, inject["token_file"])}
+        table["inject"] = _build(p, Inject, inject, f"{path}.inject")
+    ca_file = table.get("ca_file")
+    if isinstance(ca_file, str) and ca_file:
+        ca_file = table["ca_file"] = os.path.join(base_dir, ca_file)
+        try:
+            with open(ca_file, "rb"):
+                pass
+        except OSError as exc:
+            p.add(f"{path}.ca_file", f"cannot read {ca_file!r}: {exc.strerror or exc}")
+    route = _build(p, Route, table, path)
+    return route if len(p.items) == start else None
+
+
+@dataclass(frozen=True, slots=True)
+class _LegacyRoute:
+    """One legacy route entry; ``route`` is its :class:`Route` (identity encoding, Bearer-style
+    Authorization injection). An empty ``auth_scheme`` sends the bare token."""
+
+    path: str
+    upstream: str
+    auth_scheme: str
+    token_env: str
+    route: Route = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        for name in ("path", "upstream", "auth_scheme", "token_env"):
+            _typed(p, self, name, str, show=name == "path")
+        if isinstance(self.path, str) and not (
+            self.path.startswith("/") and self.path.endswith("/")
+        ):
+            p.add("path", "must start and end with '/'")
+        reported = {item.partition(": ")[0] for item in p.items}  # don't report a key twice
+        inject = route = None
+        try:
+            inject = Inject(scheme=self.auth_scheme or None, token_env=self.token_env)
+        except ConfigError as exc:
+            p.absorb(exc, "", rename={"scheme": "auth_scheme"}, skip=reported)
+        try:
+            route = Route(self.path, self.upstream, accept_encoding="identity", inject=inject)
+        except ConfigError as exc:
+            p.absorb(exc, "", rename={"prefix": "path"}, skip=reported)
+        p.check()
+        object.__setattr__(self, "route", route)
