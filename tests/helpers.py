@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 import h11
 import trio
 
+from proxycore import Config, PoolSettings, Route, ServerSettings, Timeouts, serve
 from proxycore.sim import ASGIApp, serve_app
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "read_http_response",
     "read_until",
     "start_app",
+    "start_proxy",
     "start_raw_server",
 ]
 
@@ -158,3 +160,28 @@ async def http_request(
         out = (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
         await stream.send_all(out)
         return await _receive_response(stream, conn)
+
+
+async def start_proxy(
+    nursery: trio.Nursery,
+    upstream: str | Sequence[Route],
+    *,
+    timeouts: Timeouts | None = None,
+    server: Mapping[str, object] | None = None,
+    pool: PoolSettings | None = None,
+) -> tuple[str, int]:
+    """Run proxycore in ``nursery`` on 127.0.0.1 (free port); return ``(host, port)``.
+
+    ``upstream`` is either one URL (a catch-all route ``/``) or a list of routes.
+    ``server`` overrides ServerSettings fields (e.g. ``{"header_timeout": 5.0}``).
+    """
+    routes = (Route(prefix="/", upstream=upstream),) if isinstance(upstream, str) else upstream
+    settings = ServerSettings(listen=("127.0.0.1:0",), **dict(server or {}))  # type: ignore[arg-type]
+    config = Config(
+        routes=tuple(routes),
+        server=settings,
+        timeouts=timeouts or Timeouts(),
+        pool=pool or PoolSettings(),
+    )
+    addresses: list[tuple[str, int]] = await nursery.start(serve, config)
+    return addresses[0]
