@@ -47,6 +47,9 @@ class ConfigError(Exception):
         self.problems = (problems,) if isinstance(problems, str) else tuple(problems)
         super().__init__("\n".join(self.problems))
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[tuple[str, ...]]]:
+        return (ConfigError, (self.problems,))
+
 
 # --------------------------------------------------------------------------- validation helpers
 
@@ -223,6 +226,8 @@ def _parse_listen(addr: str) -> tuple[str, int]:
     hint = f"expected 'host:port' or '[ipv6]:port', got {addr!r}"
     if addr.startswith("["):
         host, sep, port_text = addr[1:].partition("]:")
+        if sep and ":" not in host:
+            raise ValueError(f"invalid IPv6 address {host!r}")
     else:
         host, sep, port_text = addr.rpartition(":")
         if ":" in host:
@@ -556,11 +561,9 @@ def _read(source: str, kind: str) -> str:
 def _check_keys(p: _Problems, table: Mapping[Any, Any], path: str, known: Sequence[str]) -> None:
     for key in table:
         if key not in known:
-            message = f"unknown key (known: {', '.join(known)})"
             close = difflib.get_close_matches(str(key), known, n=1)
-            p.add(
-                _join(path, str(key)), message + (f"; did you mean {close[0]!r}?" if close else "")
-            )
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            p.add(_join(path, str(key)), f"unknown key (known: {', '.join(known)}){hint}")
 
 
 def _build(p: _Problems, cls: type[_D], raw: object, path: str, kind: str = "table") -> _D | None:
@@ -572,13 +575,8 @@ def _build(p: _Problems, cls: type[_D], raw: object, path: str, kind: str = "tab
     known = [f.name for f in init_fields]
     _check_keys(p, raw, path, known)
     kwargs = {key: value for key, value in raw.items() if key in known}
-    missing = [
-        f.name
-        for f in init_fields
-        if f.name not in raw
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
+    required = [f.name for f in init_fields if f.default is dataclasses.MISSING]
+    missing = [name for name in required if name not in raw]
     for name in missing:  # validate the rest with None standing in for missing keys
         p.add(_join(path, name), "required key is missing")
         kwargs[name] = None
@@ -636,9 +634,8 @@ class _LegacyRoute:
         p = _Problems()
         for name in ("path", "upstream", "auth_scheme", "token_env"):
             _typed(p, self, name, str, show=name == "path")
-        if isinstance(self.path, str) and not (
-            self.path.startswith("/") and self.path.endswith("/")
-        ):
+        path: object = self.path
+        if isinstance(path, str) and not (path.startswith("/") and path.endswith("/")):
             p.add("path", "must start and end with '/'")
         reported = {item.partition(": ")[0] for item in p.items}  # don't report a key twice
         inject = route = None

@@ -30,8 +30,8 @@ import h11
 import trio
 
 from .accesslog import ExchangeRecord, log_exchange
-from .config import Timeouts
 from .chunked import ChunkedError, ChunkedScanner, encode_chunk_header
+from .config import Timeouts
 from .errors import (
     BadRequest,
     ClientGone,
@@ -45,7 +45,6 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
-    error_body,
 )
 from .headers import (
     CHUNKED,
@@ -246,13 +245,13 @@ class Exchange:
     def _may_retry(self, framing: Framing) -> bool:
         return framing is NO_BODY and self.method in IDEMPOTENT
 
-    async def _connect(self, origin: Origin, timeout: float) -> UpstreamConnection:
+    async def _connect(self, origin: Origin, connect_s: float) -> UpstreamConnection:
         pool = self.client.state.pool
         conn = pool.checkout(origin)
         if conn is not None:
             return conn
-        scheme, host, port, _ = origin
-        with trio.move_on_after(timeout):
+        _, host, port, _ = origin
+        with trio.move_on_after(connect_s):
             try:
                 return await open_connection(origin)
             except OSError as exc:
@@ -282,14 +281,15 @@ class Exchange:
                 raise UpstreamReset("upstream closed the connection") from None
             if expect_continue:
                 await self._send_client(CONTINUE)
-            main_error: ProxyError | None = None
+            main_error: ProxyError | _StaleConnection | None = None
             with trio.CancelScope() as xscope:
                 self._xscope = xscope
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._client_side, conn, framing, timeouts.idle)
                     try:
                         reusable = await self._upstream_side(conn, timeouts)
-                    except ProxyError as exc:
+                    except (ProxyError, _StaleConnection) as exc:
+                        # Kept out of the nursery: it would wrap it in an ExceptionGroup.
                         main_error = exc
                     finally:
                         nursery.cancel_scope.cancel()
@@ -343,7 +343,7 @@ class Exchange:
         self._xscope.cancel()
 
     async def _read_response_head(
-        self, conn: UpstreamConnection, timeout: float
+        self, conn: UpstreamConnection, wait_s: float
     ) -> tuple[h11.Response, bytes]:
         limit = self.snapshot.config.server.max_header_bytes
         h = h11.Connection(h11.CLIENT, max_incomplete_event_size=limit)
@@ -353,7 +353,7 @@ class Exchange:
         buf = self.client.wbuf
         got = 0
         interim = 0
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(wait_s):
             while True:
                 try:
                     event = h.next_event()
@@ -384,7 +384,7 @@ class Exchange:
                 if len(event.headers) > self.snapshot.config.server.max_header_count:
                     raise UpstreamProtocolError("upstream response has too many header fields")
                 return event, trailing
-        raise UpstreamTimeout(f"no response head from upstream within {timeout:g} s")
+        raise UpstreamTimeout(f"no response head from upstream within {wait_s:g} s")
 
     async def _interim(self, event: h11.InformationalResponse, count: int) -> None:
         if count > MAX_INTERIM_RESPONSES:
@@ -472,10 +472,7 @@ class Exchange:
             end = scanner.feed(trailing, 0, None, spans)
         except ChunkedError:
             raise FramingError("bad chunk") from None
-        if self.client_11:
-            first = trailing[:end]
-        else:
-            first = b"".join(trailing[s:e] for s, e in spans)
+        first = trailing[:end] if self.client_11 else b"".join(trailing[s:e] for s, e in spans)
         await self._send_head(head + first)
         leftover = trailing[end:]
         moved = 0
