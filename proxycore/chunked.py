@@ -73,7 +73,9 @@ def _run(pattern: re.Pattern[bytes], data: bytes | bytearray | memoryview, i: in
 
 
 class ChunkedScanner:
-    """Validate one chunked body fed in arbitrary pieces; see the module docstring."""
+    """Validate one chunked body fed in arbitrary pieces; see the module docstring.
+
+    A memoryview passed to :meth:`feed` must be a flat byte view (format ``"B"``)."""
 
     def __init__(self, *, max_line_bytes: int = 4096, max_trailer_bytes: int = 16384) -> None:
         if max_line_bytes < 3 or max_trailer_bytes < 2:

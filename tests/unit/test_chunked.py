@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import random
 from pathlib import Path
 
@@ -16,9 +17,7 @@ from proxycore.chunked import LAST_CHUNK, ChunkedError, ChunkedScanner, encode_c
 
 NEXT = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"  # a pipelined request after the body
 SECRET = b"sk-live-hunter2-TOPSECRET"
-HYPOTHESIS = settings(
-    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+HYPOTHESIS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -35,7 +34,7 @@ def scan_windows(
     bounds = [0, *cuts, len(buf)]
     payload = bytearray()
     end: int | None = None
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         spans: list[tuple[int, int]] = []
         was_done = sc.done
         r = sc.feed(buf, a, b, spans)
@@ -325,7 +324,7 @@ token = st.text(TOKEN_CHARS, min_size=1, max_size=10).map(str.encode)
 
 @st.composite
 def size_field(draw: st.DrawFn, size: int) -> bytes:
-    digits = "%x" % size
+    digits = f"{size:x}"
     digits = "0" * draw(st.integers(0, 16 - len(digits))) + digits
     upper = draw(st.booleans())
     return (digits.upper() if upper else digits).encode()
@@ -360,7 +359,7 @@ def test_property_valid_bodies_any_split(
     cuts = sorted(data.draw(st.lists(st.integers(0, len(buf)), max_size=8)))
     assert scan_windows(buf, cuts) == (payload, len(body))
     assert scan_windows(buf, []) == (payload, len(body))
-    pieces = [buf[a:b] for a, b in zip([0, *cuts], [*cuts, len(buf)], strict=True)]
+    pieces = [buf[a:b] for a, b in itertools.pairwise([0, *cuts, len(buf)])]
     assert scan_pieces(pieces) == (payload, len(body))
 
 
