@@ -52,7 +52,7 @@ async def fetch(
     own = stream is None
     conn_stream = stream if stream is not None else await trio.open_tcp_stream(host, port)
     h = h11.Connection(h11.CLIENT)
-    hdrs = [("Host", f"{host}:{port}")] + list(headers or [])
+    hdrs = [("Host", f"{host}:{port}"), *(headers or [])]
     if body:
         hdrs.append(("Content-Length", str(len(body))))
     result = TimedResponse()

@@ -13,6 +13,7 @@ passed on; the client gets a generic reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from typing import Final
@@ -181,10 +182,8 @@ class ClientConnection:
             headers.append((b"Connection", b"close"))
         reason = _REASONS.get(exc.status, b"Error")
         head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (exc.status, reason), headers)
-        try:
+        with contextlib.suppress(StreamBroken):
             await self.stream.send_all(head if method == b"HEAD" else head + body)
-        except StreamBroken:
-            pass
 
     async def wait_closed(self) -> bool:
         """Wait until the client closes (True) or sends more bytes (False).
