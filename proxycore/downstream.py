@@ -42,6 +42,9 @@ __all__ = ["ClientConnection"]
 
 log: Final = logging.getLogger("proxycore.downstream")
 
+LINGER_S: Final = 2.0
+LINGER_BYTES: Final = 1 << 20
+
 _REASONS: Final = {
     400: b"Bad Request",
     403: b"Forbidden",
@@ -71,6 +74,8 @@ class ClientConnection:
         self.wbuf = bytearray(CHUNK)
         #: Bytes received past the current request (the start of the next one).
         self.pending = b""
+        #: Set when a reply was sent with unread client bytes possibly left: close gently.
+        self.linger = False
 
     async def serve(self) -> None:
         """Answer requests until the client closes, errs or idles out.
@@ -85,11 +90,13 @@ class ClientConnection:
                 snapshot = state.snapshot
                 request = await self._read_head(snapshot.config.server, first)
                 if request is None:
-                    return
+                    break
                 first = False
                 exchange = Exchange(self, request, self.pending, snapshot)
                 if not await exchange.run():
-                    return
+                    break
+            if self.linger:
+                await self._linger()
         except Exception:
             log.exception("unexpected error on a client connection")
         finally:
@@ -101,14 +108,20 @@ class ClientConnection:
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
         data, self.pending = self.pending, b""
         fed = 0
+        # The first head must be complete header_timeout after the connection opened;
+        # later ones header_timeout after their first byte (keepalive_timeout until then).
+        now = trio.current_time()
+        deadline = now + server.header_timeout
         if not data:
-            wait = server.header_timeout if first else server.keepalive_timeout
-            with trio.move_on_after(wait):
+            first_byte_by = deadline if first else now + server.keepalive_timeout
+            with trio.move_on_at(first_byte_by):
                 data = await self._recv()
             if not data:
                 return None  # closed, or idle past the keep-alive timeout: close quietly
+            if not first:
+                deadline = trio.current_time() + server.header_timeout
         try:
-            with trio.fail_after(server.header_timeout):
+            with trio.fail_at(deadline):
                 while True:
                     h.receive_data(data)
                     fed += len(data)
@@ -145,6 +158,28 @@ class ClientConnection:
         self.pending = trailing
         return event
 
+    async def _linger(self) -> None:
+        """Close in two steps after an error reply (RFC 9112 section 9.6).
+
+        Closing with unread client bytes in the socket makes the kernel send a
+        reset, which can destroy the reply before the client reads it. So: stop
+        writing, then read and discard for a bounded time and amount.
+        """
+        try:
+            self.stream.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        with trio.move_on_after(LINGER_S):
+            discarded = 0
+            while discarded < LINGER_BYTES:
+                try:
+                    n = await self.stream.recv_into(self.rbuf, CHUNK)
+                except StreamBroken:
+                    return
+                if not n:
+                    return
+                discarded += n
+
     async def _recv(self) -> bytes:
         try:
             n = await self.stream.recv_into(self.rbuf, CHUNK)
@@ -180,6 +215,7 @@ class ClientConnection:
         headers.extend(exc.headers)
         if close:
             headers.append((b"Connection", b"close"))
+        self.linger = close
         reason = _REASONS.get(exc.status, b"Error")
         head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (exc.status, reason), headers)
         with contextlib.suppress(StreamBroken):
