@@ -43,8 +43,10 @@ from ._validate import (
 __all__ = [
     "Config",
     "ConfigError",
+    "Inbound",
     "Inject",
     "PoolSettings",
+    "RateLimit",
     "Route",
     "ServerSettings",
     "Timeouts",
@@ -101,6 +103,99 @@ class Inject:
         p.check()
 
 
+_INBOUND_MODES = ("none", "bearer", "forward_auth")
+_RATE_KEYS = ("client_ip", "identity", "bearer")
+
+
+def _string_tuple(p: _Problems, obj: object, name: str, *, optional: bool = False) -> None:
+    """Accept a list or tuple of strings (stored as a tuple)."""
+    value = getattr(obj, name)
+    if value is None and optional:
+        return
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        p.add(name, f"expected an array of strings, got {_describe(value)}")
+        return
+    object.__setattr__(obj, name, tuple(value))
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Token bucket per key (``client_ip``, forward-auth ``identity``, or the ``bearer`` secret's
+    index): ``requests_per_second`` refill, ``burst`` capacity; ``max_concurrent_streams`` (0 = no
+    limit) open exchanges per key."""
+
+    requests_per_second: float
+    burst: int = 10
+    key: str = "client_ip"
+    max_concurrent_streams: int = 0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        _number(p, self, "requests_per_second", zero_ok=False)
+        _integer(p, self, "burst", 1)
+        key = _typed(p, self, "key", str)
+        if key is not None and key not in _RATE_KEYS:
+            p.add("key", f"must be one of {', '.join(_RATE_KEYS)}, got {key!r}")
+        _integer(p, self, "max_concurrent_streams", 0)
+        p.check()
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """Who may call the proxy: ``none``, ``bearer`` (secrets in ``secret_file``) or
+    ``forward_auth`` (ask ``url``; copy ``identity_headers`` of its answer, auth-service name ->
+    upstream name, onto the request)."""
+
+    mode: str = "none"
+    secret_file: str | None = None
+    url: str | None = None
+    identity_headers: tuple[tuple[str, str], ...] = ()
+    login_url: str | None = None
+    cache_seconds: float = 0.0
+    timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        mode = _typed(p, self, "mode", str)
+        if mode is not None and mode not in _INBOUND_MODES:
+            p.add("mode", f"must be one of {', '.join(_INBOUND_MODES)}, got {mode!r}")
+        secret_file = _typed(p, self, "secret_file", str, optional=True)
+        if mode == "bearer" and not secret_file:
+            p.add("secret_file", "required when mode is 'bearer'")
+        url = _typed(p, self, "url", str, optional=True, show=False)
+        if url is not None:
+            try:
+                _parse_upstream(url)
+            except ValueError as exc:
+                p.add("url", str(exc))
+        elif mode == "forward_auth":
+            p.add("url", "required when mode is 'forward_auth'")
+        pairs: object = self.identity_headers
+        if isinstance(pairs, Mapping):
+            pairs = tuple(pairs.items())
+        if isinstance(pairs, list | tuple) and all(
+            isinstance(pair, list | tuple) and len(pair) == 2 for pair in pairs
+        ):
+            object.__setattr__(self, "identity_headers", tuple((a, b) for a, b in pairs))
+            for source_name, target_name in self.identity_headers:
+                for name in (source_name, target_name):
+                    if not isinstance(name, str) or not _TOKEN_RE.fullmatch(name):
+                        p.add("identity_headers", f"{name!r} is not a valid header name")
+        else:
+            p.add("identity_headers", f"expected a table of header names, got {_describe(pairs)}")
+        login = _typed(p, self, "login_url", str, optional=True)
+        if login is not None and not login:
+            p.add("login_url", "must be a non-empty URL or path")
+        _number(p, self, "cache_seconds", zero_ok=True)
+        _number(p, self, "timeout", zero_ok=False)
+        p.check()
+
+    @property
+    def identity_targets(self) -> tuple[str, ...]:
+        """Upstream header names that carry identity: clients may never set them."""
+        return tuple(target for _, target in self.identity_headers)
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """Forward requests whose path starts with ``prefix`` to ``upstream``.
@@ -118,6 +213,12 @@ class Route:
     timeouts: Timeouts | None = None
     inject: Inject | None = None
     name: str = ""
+    inbound: str | None = None
+    deny_git_push: bool = False
+    methods: tuple[str, ...] | None = None
+    deny_paths: tuple[str, ...] = ()
+    max_body_bytes: int | None = None
+    rate_limit: RateLimit | None = None
     target: Upstream = field(init=False)
 
     def __post_init__(self) -> None:
@@ -145,6 +246,22 @@ class Route:
         _instance(p, self, "timeouts", Timeouts, optional=True)
         _instance(p, self, "inject", Inject, optional=True)
         _typed(p, self, "name", str)
+        inbound = _typed(p, self, "inbound", str, optional=True)
+        if inbound is not None and inbound not in _INBOUND_MODES:
+            p.add("inbound", f"must be one of {', '.join(_INBOUND_MODES)}, got {inbound!r}")
+        _typed(p, self, "deny_git_push", bool)
+        _string_tuple(p, self, "methods", optional=True)
+        for method in self.methods or ():
+            if isinstance(method, str) and not _TOKEN_RE.fullmatch(method):
+                p.add("methods", f"{method!r} is not a valid HTTP method")
+        _string_tuple(p, self, "deny_paths")
+        for pattern in self.deny_paths:
+            if isinstance(pattern, str) and not pattern.startswith("/"):
+                p.add("deny_paths", f"pattern {pattern!r} must start with '/'")
+        max_body = _typed(p, self, "max_body_bytes", int, optional=True)
+        if max_body is not None and max_body < 0:
+            p.add("max_body_bytes", f"must be >= 0, got {max_body}")
+        _instance(p, self, "rate_limit", RateLimit, optional=True)
         p.check()
         if not self.name:
             object.__setattr__(self, "name", self.prefix)
@@ -161,6 +278,7 @@ class ServerSettings:
     max_header_count: int = 100
     header_timeout: float = 30.0
     keepalive_timeout: float = 75.0
+    allow_public: bool = False
 
     def __post_init__(self) -> None:
         p = _Problems()
@@ -187,6 +305,7 @@ class ServerSettings:
         _integer(p, self, "max_header_count", 1)
         _number(p, self, "header_timeout", zero_ok=False)
         _number(p, self, "keepalive_timeout", zero_ok=False)
+        _typed(p, self, "allow_public", bool)
         p.check()
 
     @property
@@ -218,6 +337,7 @@ class Config:
     server: ServerSettings = ServerSettings()
     timeouts: Timeouts = Timeouts()
     pool: PoolSettings = PoolSettings()
+    inbound: Inbound = Inbound()
     source: str | None = None
 
     def __post_init__(self) -> None:
@@ -235,8 +355,20 @@ class Config:
         _instance(p, self, "server", ServerSettings)
         _instance(p, self, "timeouts", Timeouts)
         _instance(p, self, "pool", PoolSettings)
+        _instance(p, self, "inbound", Inbound)
         _typed(p, self, "source", str, optional=True)
+        if not p.items:
+            for index, route in enumerate(self.routes):
+                mode = self.inbound_mode(route)
+                if mode == "bearer" and not self.inbound.secret_file:
+                    p.add(f"routes[{index}].inbound", "'bearer' needs inbound.secret_file")
+                if mode == "forward_auth" and not self.inbound.url:
+                    p.add(f"routes[{index}].inbound", "'forward_auth' needs inbound.url")
         p.check()
+
+    def inbound_mode(self, route: Route) -> str:
+        """The route's inbound authentication mode (its own, or the global one)."""
+        return route.inbound if route.inbound is not None else self.inbound.mode
 
     def timeouts_for(self, route: Route) -> Timeouts:
         """The route's own timeouts, or the global defaults."""
@@ -253,10 +385,16 @@ class Config:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a table at the top level, got {_describe(raw)}")
         p = _Problems()
-        _check_keys(p, raw, "", ("server", "timeouts", "pool", "routes"))
+        _check_keys(p, raw, "", ("server", "timeouts", "pool", "inbound", "routes"))
         server = _build(p, ServerSettings, raw.get("server", {}), "server")
         timeouts = _build(p, Timeouts, raw.get("timeouts", {}), "timeouts") or Timeouts()
         pool = _build(p, PoolSettings, raw.get("pool", {}), "pool")
+        base_dir = os.path.dirname(os.path.abspath(source))
+        inbound_table = raw.get("inbound", {})
+        if isinstance(inbound_table, Mapping) and isinstance(inbound_table.get("secret_file"), str):
+            secret_file = os.path.join(base_dir, inbound_table["secret_file"])
+            inbound_table = {**inbound_table, "secret_file": secret_file}
+        inbound = _build(p, Inbound, inbound_table, "inbound")
         routes: list[tuple[int, Route]] = []
         raw_routes = raw.get("routes", ())
         if not isinstance(raw_routes, list | tuple):
@@ -264,7 +402,6 @@ class Config:
         elif not raw_routes:
             p.add("routes", "at least one [[routes]] table is required")
         else:
-            base_dir = os.path.dirname(os.path.abspath(source))
             for index, table in enumerate(raw_routes):
                 route = _route_from_table(p, table, f"routes[{index}]", timeouts, base_dir)
                 if route is not None:
@@ -276,6 +413,7 @@ class Config:
             server=server or ServerSettings(),
             timeouts=timeouts,
             pool=pool or PoolSettings(),
+            inbound=inbound or Inbound(),
             source=source,
         )
 
@@ -386,6 +524,8 @@ def _route_from_table(
         if isinstance(inject, Mapping) and isinstance(inject.get("token_file"), str):
             inject = {**inject, "token_file": os.path.join(base_dir, inject["token_file"])}
         table["inject"] = _build(p, Inject, inject, f"{path}.inject")
+    if "rate_limit" in table:
+        table["rate_limit"] = _build(p, RateLimit, table["rate_limit"], f"{path}.rate_limit")
     ca_file = table.get("ca_file")
     if isinstance(ca_file, str) and ca_file:
         ca_file = table["ca_file"] = os.path.join(base_dir, ca_file)
@@ -423,7 +563,13 @@ class _LegacyRoute:
         except ConfigError as exc:
             p.absorb(exc, "", rename={"scheme": "auth_scheme"}, skip=reported)
         try:
-            route = Route(self.path, self.upstream, accept_encoding="identity", inject=inject)
+            route = Route(
+                self.path,
+                self.upstream,
+                accept_encoding="identity",
+                inject=inject,
+                deny_git_push=True,
+            )
         except ConfigError as exc:
             p.absorb(exc, "", rename={"prefix": "path"}, skip=reported)
         p.check()

@@ -653,13 +653,14 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
     [
         (
             "rout = 1\n" + ROUTE,
-            "rout: unknown key (known: server, timeouts, pool, routes); did you mean 'routes'?",
+            "rout: unknown key (known: server, timeouts, pool, inbound, routes); "
+            "did you mean 'routes'?",
         ),
         (
             "[server]\nmax_conections = 5\n" + ROUTE,
             "server.max_conections: unknown key (known: "
             "listen, max_connections, max_header_bytes, max_header_count, header_timeout, "
-            "keepalive_timeout); did you mean 'max_connections'?",
+            "keepalive_timeout, allow_public); did you mean 'max_connections'?",
         ),
         (
             "[timeouts]\nconect = 5\n" + ROUTE,
@@ -673,7 +674,8 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
         (
             ROUTE + "upstrem = 'x'\n",
             "routes[0].upstrem: unknown key (known: prefix, upstream, "
-            "strip_prefix, preserve_host, accept_encoding, ca_file, timeouts, inject, name); "
+            "strip_prefix, preserve_host, accept_encoding, ca_file, timeouts, inject, name, "
+            "inbound, deny_git_push, methods, deny_paths, max_body_bytes, rate_limit); "
             "did you mean 'upstream'?",
         ),
         (ROUTE + "target = 'x'\n", "routes[0].target: unknown key"),
@@ -960,6 +962,7 @@ def test_legacy_happy_path(tmp_path: Path) -> None:
         accept_encoding="identity",
         inject=Inject(header="Authorization", scheme="Bearer", token_env="ANTHROPIC_API_KEY"),
         name="/anthropic/",
+        deny_git_push=True,  # the legacy sidecar refused git push on every route
     )
     assert anthropic.preserve_host is False
     assert anthropic.ca_file is None
