@@ -10,6 +10,7 @@ import trio
 
 from .accesslog import configure_logging
 from .config import Config, ConfigError, Route, ServerSettings
+from .secrets import SecretError, check_secret, generate_secret
 
 __all__ = ["load_config", "main", "route_table"]
 
@@ -42,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a config and print the route table")
     _add_source_args(check, allow_upstream=False)
+
+    secret = sub.add_parser("secret", help="make or inspect an inbound bearer secret file")
+    secret_sub = secret.add_subparsers(dest="secret_command", required=True)
+    generate = secret_sub.add_parser("generate", help="write a fresh secret, mode 0600")
+    generate.add_argument("--out", required=True, metavar="FILE")
+    generate.add_argument("--force", action="store_true", help="replace an existing file")
+    check_secret = secret_sub.add_parser("check", help="report a secret file's length and mode")
+    check_secret.add_argument("file", metavar="FILE")
 
     demo = sub.add_parser("demo", help="run a built-in LLM-like upstream behind the proxy")
     demo.add_argument("--requests", type=int, default=3, help="streamed requests to send")
@@ -109,6 +118,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         trio.run(serve, config)
+    except (ConfigError, SecretError) as exc:
+        print(f"proxycore: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         print(f"proxycore: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -117,8 +129,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_secret(args: argparse.Namespace) -> int:
+    try:
+        if args.secret_command == "generate":
+            path = generate_secret(args.out, force=args.force)
+            print(f"wrote a new secret to {path} (mode 0600)")
+        else:
+            print(check_secret(args.file))
+    except SecretError as exc:
+        print(f"proxycore: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "secret":
+        return _cmd_secret(args)
     if args.command == "check":
         return _cmd_check(args)
     if args.command == "serve":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 from typing import Final
 
@@ -41,6 +42,11 @@ from .stream import RawStream, StreamBroken
 __all__ = ["ClientConnection"]
 
 log: Final = logging.getLogger("proxycore.downstream")
+
+#: What h11 lets through but trusted proxies refuse: obs-fold (a line starting
+#: with SP/HTAB, which h11 silently unfolds) and control characters other than
+#: HTAB/CR/LF (bare CR and NUL h11 refuses itself).
+_SUSPICIOUS_HEAD: Final = re.compile(rb"\n[ \t]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 LINGER_S: Final = 2.0
 LINGER_BYTES: Final = 1 << 20
@@ -120,10 +126,12 @@ class ClientConnection:
                 return None  # closed, or idle past the keep-alive timeout: close quietly
             if not first:
                 deadline = trio.current_time() + server.header_timeout
+        received: list[bytes] = []
         try:
             with trio.fail_at(deadline):
                 while True:
                     h.receive_data(data)
+                    received.append(data)
                     fed += len(data)
                     try:
                         event = h.next_event()
@@ -152,6 +160,9 @@ class ClientConnection:
                 raise HeadTooLarge(f"more than {server.max_header_count} header fields")
             if event.http_version not in (b"1.1", b"1.0"):
                 raise UnsupportedVersion("only HTTP/1.0 and HTTP/1.1 are supported")
+            raw = received[0] if len(received) == 1 else b"".join(received)
+            if _SUSPICIOUS_HEAD.search(raw, 0, fed - len(trailing)):
+                raise BadRequest("obsolete line folding or control characters in the request head")
         except DownstreamError as exc:
             await self._refuse(exc, event.method)
             return None

@@ -14,14 +14,22 @@ import json
 from typing import ClassVar
 
 __all__ = [
+    "AuthUnavailable",
     "BadRequest",
     "ClientGone",
     "DownstreamError",
     "DownstreamTimeout",
     "ExpectationFailed",
+    "Forbidden",
     "HeadTooLarge",
+    "InternalError",
+    "LoginRedirect",
+    "MethodNotAllowed",
     "NoRoute",
+    "PayloadTooLarge",
     "ProxyError",
+    "TooManyRequests",
+    "Unauthorized",
     "UnsupportedVersion",
     "UpstreamConnectError",
     "UpstreamConnectTimeout",
@@ -139,3 +147,55 @@ class UpstreamConnectTimeout(UpstreamConnectError):
 class ExpectationFailed(DownstreamError):
     status = 417
     type = "expectation_failed"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "unauthorized"
+    outcome = "unauthorized"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "forbidden"
+    outcome = "forbidden"
+
+
+class LoginRedirect(ProxyError):
+    """Forward auth refused a browser GET: send it to the login page."""
+
+    status = 302
+    type = "login_required"
+    outcome = "unauthorized"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "method_not_allowed"
+    outcome = "forbidden"
+
+
+class PayloadTooLarge(DownstreamError):
+    status = 413
+    type = "payload_too_large"
+    outcome = "payload_too_large"
+
+
+class TooManyRequests(ProxyError):
+    status = 429
+    type = "too_many_requests"
+    outcome = "rate_limited"
+
+
+class AuthUnavailable(ProxyError):
+    """The forward-auth service can't decide: fail closed."""
+
+    status = 503
+    type = "auth_unavailable"
+    outcome = "auth_unavailable"
+
+
+class InternalError(ProxyError):
+    status = 500
+    type = "internal_error"
+    outcome = "internal_error"

@@ -39,6 +39,7 @@ from .errors import (
     DownstreamTimeout,
     ExpectationFailed,
     NoRoute,
+    PayloadTooLarge,
     ProxyError,
     UpstreamConnectError,
     UpstreamConnectTimeout,
@@ -62,6 +63,7 @@ from .headers import (
 )
 from .pipe import (
     CHUNK,
+    BodyTooLarge,
     FramingError,
     IdleTimeout,
     SinkFailed,
@@ -76,7 +78,10 @@ from .router import Match, check_target
 from .stream import StreamBroken
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .downstream import ClientConnection
+    from .security import Admission
     from .state import Snapshot
 
 __all__ = ["Exchange"]
@@ -126,6 +131,7 @@ class Exchange:
         self.side_error: ProxyError | None = None
         self._remaining = 0
         self._scanner = ChunkedScanner()
+        self._max_body: int | None = None
         self._xscope: trio.CancelScope | None = None
 
     # -- top level ---------------------------------------------------------
@@ -137,6 +143,7 @@ class Exchange:
         self.request_id = rid.encode("ascii")
         state = self.client.state
         state.exchanges_in_flight += 1
+        release: Callable[[], None] | None = None
         try:
             path, query = check_target(self.request.target)
             rec.path = path.decode("latin-1")
@@ -152,10 +159,23 @@ class Exchange:
             if match is None:
                 raise NoRoute(f"no route for path {rec.path!r}")
             rec.route = match.route.name
-            await self._forward(match, query, framing, expect_continue)
+            guard = self.snapshot.security.guard(match.route)
+            admission = await guard.admit(
+                self.method, path, query, self.headers, self.client.peer_ip
+            )
+            release = admission.release
+            limit = guard.max_body_bytes
+            if limit is not None:
+                self._max_body = limit
+                size = framing.length if framing.kind == "length" else self._scanner.payload_bytes
+                if size > limit:
+                    raise PayloadTooLarge(f"request body larger than {limit} bytes")
+            await self._forward(match, query, framing, expect_continue, admission)
         except ProxyError as exc:
             await self._fail(exc)
         finally:
+            if release is not None:
+                release()
             state.exchanges_in_flight -= 1
             rec.duration = trio.current_time() - rec.started
             log_exchange(rec)
@@ -201,7 +221,12 @@ class Exchange:
     # -- upstream ----------------------------------------------------------
 
     async def _forward(
-        self, match: Match, query: bytes, framing: Framing, expect_continue: bool
+        self,
+        match: Match,
+        query: bytes,
+        framing: Framing,
+        expect_continue: bool,
+        admission: Admission,
     ) -> None:
         route = match.route
         up = route.target
@@ -214,6 +239,8 @@ class Exchange:
             request_id=self.request_id,
             framing=framing,
             identity_encoding=route.accept_encoding == "identity",
+            drop=admission.drop,
+            extra=admission.extra,
         )
         start = b"%s %s%s HTTP/1.1\r\n" % (self.method, match.upstream_path, query)
         head = serialize_head(start, headers) + self.body_start
@@ -318,7 +345,12 @@ class Exchange:
                     )
                 else:
                     moved, client.pending = await pump_chunked(
-                        client.stream, conn.stream, client.rbuf, self._scanner, idle
+                        client.stream,
+                        conn.stream,
+                        client.rbuf,
+                        self._scanner,
+                        idle,
+                        max_payload=self._max_body,
                     )
                 self.record.bytes_in += moved
                 self.request_done = True
@@ -327,6 +359,9 @@ class Exchange:
             return
         except FramingError:
             self._abort(BadRequest("malformed chunked request body"))
+            return
+        except BodyTooLarge:
+            self._abort(PayloadTooLarge(f"request body larger than {self._max_body} bytes"))
             return
         except IdleTimeout:
             self._abort(DownstreamTimeout(f"request body stalled for {idle:g} s"))

@@ -164,21 +164,26 @@ def upstream_request_headers(
     request_id: bytes,
     framing: Framing,
     identity_encoding: bool,
+    drop: frozenset[bytes] = frozenset(),
+    extra: Headers | None = None,
 ) -> Headers:
     """The header list sent upstream for one request.
 
     ``client`` keeps its original name casing. Hop-by-hop headers, headers
-    named in ``Connection``, and the headers the proxy owns are dropped; the
-    proxy's own are appended after. X-Forwarded-For keeps the client's chain
-    (unless ``Connection`` named it) and appends the peer address.
+    named in ``Connection``, the headers the proxy owns, and the names in
+    ``drop`` (lower case; also matched in their ``_`` spelling, so
+    ``X_Authenticated_User`` can't pass for ``X-Authenticated-User``) are
+    dropped; the proxy's own and ``extra`` are appended after. X-Forwarded-For
+    keeps the client's chain (unless ``Connection`` named it) and appends the
+    peer address.
     """
-    dropped = connection_tokens(client) | HOP_BY_HOP
+    dropped = connection_tokens(client) | HOP_BY_HOP | drop
     out: Headers = []
     forwarded_for: list[bytes] = []
     forwarded_host = b""
     for name, value in client:
         lname = name.lower()
-        if lname in dropped:
+        if lname in dropped or (b"_" in lname and lname.replace(b"_", b"-") in dropped):
             continue
         if lname in PROXY_OWNED_REQUEST:
             if lname == b"x-forwarded-for":
@@ -198,6 +203,8 @@ def upstream_request_headers(
     out.append((b"X-Request-ID", request_id))
     if identity_encoding:
         out.append((b"Accept-Encoding", b"identity"))
+    if extra:
+        out.extend(extra)
     if framing.kind == "length":
         out.append((b"Content-Length", b"%d" % framing.length))
     elif framing.kind == "chunked":

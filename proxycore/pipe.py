@@ -29,6 +29,7 @@ from .stream import Stream, StreamBroken
 
 __all__ = [
     "CHUNK",
+    "BodyTooLarge",
     "FramingError",
     "IdleTimeout",
     "SinkFailed",
@@ -59,6 +60,10 @@ class FramingError(PipeError):
 
 
 class IdleTimeout(PipeError):
+    pass
+
+
+class BodyTooLarge(PipeError):
     pass
 
 
@@ -95,11 +100,19 @@ async def pump_length(src: Stream, dst: Stream, buf: bytearray, remaining: int, 
 
 
 async def pump_chunked(
-    src: Stream, dst: Stream, buf: bytearray, scanner: ChunkedScanner, idle: float
+    src: Stream,
+    dst: Stream,
+    buf: bytearray,
+    scanner: ChunkedScanner,
+    idle: float,
+    *,
+    max_payload: int | None = None,
 ) -> tuple[int, bytes]:
     """Pass a chunked body through unchanged, validated by ``scanner``.
 
-    Returns ``(bytes written, bytes read past the body's end)``.
+    Returns ``(bytes written, bytes read past the body's end)``. With
+    ``max_payload``, a body whose data grows past it raises :class:`BodyTooLarge`
+    before the read that crossed the limit is written.
     """
     view = memoryview(buf)
     moved = 0
@@ -113,6 +126,8 @@ async def pump_chunked(
                 end = scanner.feed(buf, 0, n)
             except ChunkedError as exc:
                 raise FramingError(str(exc)) from None
+            if max_payload is not None and scanner.payload_bytes > max_payload:
+                raise BodyTooLarge(f"body larger than {max_payload} bytes")
             await _send(dst, view[:end])
             moved += end
             if end < n:

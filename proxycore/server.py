@@ -15,8 +15,9 @@ from typing import Final
 
 import trio
 
-from .config import Config
+from .config import Config, ConfigError
 from .downstream import ClientConnection
+from .security import exposure_problem
 from .state import ProxyState
 
 __all__ = ["bind_listener", "serve"]
@@ -100,7 +101,14 @@ async def serve(
     (so ``await nursery.start(serve, config)`` works with port 0). Cancelling
     the surrounding scope closes the listeners, every client connection and
     the upstream pool.
+
+    Raises ``ConfigError`` for an unauthenticated non-loopback listener (unless
+    ``server.allow_public``) and ``SecretError`` for an unusable inbound secret
+    file, before anything is bound.
     """
+    problem = exposure_problem(config)
+    if problem:
+        raise ConfigError(problem)
     state = state or ProxyState(config)
     listeners: list[socket.socket] = []
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .config import Config
 from .pool import Pool
 from .router import Router
+from .security import Security
 
 __all__ = ["ProxyState", "Snapshot"]
 
@@ -21,18 +22,28 @@ __all__ = ["ProxyState", "Snapshot"]
 class Snapshot:
     config: Config
     router: Router
+    security: Security
     generation: int
 
 
 class ProxyState:
     def __init__(self, config: Config) -> None:
-        self.snapshot = Snapshot(config, Router(config.routes), 1)
+        """Raises ``SecretError`` when the inbound secret file is unusable."""
         self.pool = Pool(config.pool)
+        self.snapshot = self.prepare(config, 1)
         self.open_connections = 0
         self.exchanges_in_flight = 0
 
+    def prepare(self, config: Config, generation: int) -> Snapshot:
+        """Build a snapshot (reads secrets and tokens) without installing it."""
+        return Snapshot(config, Router(config.routes), Security(config, self.pool), generation)
+
     def swap(self, config: Config) -> Snapshot:
-        """Install ``config`` for every exchange that starts from now on."""
-        self.snapshot = Snapshot(config, Router(config.routes), self.snapshot.generation + 1)
+        """Install ``config`` for every exchange that starts from now on.
+
+        Everything is built first; if that fails (``SecretError``) nothing changes.
+        """
+        snapshot = self.prepare(config, self.snapshot.generation + 1)
+        self.snapshot = snapshot
         self.pool.settings = config.pool
-        return self.snapshot
+        return snapshot

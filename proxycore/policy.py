@@ -1,0 +1,176 @@
+"""Per-route request policy, evaluated on the request head. Pure module: no trio, stdlib only.
+
+A :class:`Policy` is compiled once from a route's settings and answers, per request, either
+``None`` (allowed) or a :class:`Refusal` that the caller turns into an error response. Rules are
+checked in this order: git push, the methods allow-list, then ``deny_paths``.
+
+``deny_paths`` are glob patterns in :func:`fnmatch.fnmatchcase` syntax (``*``, ``?``, ``[...]``),
+matched case-sensitively against the whole request path after one round of percent-decoding.
+Note that ``*`` matches any characters INCLUDING ``/`` (and ``?`` any one character, ``/`` too):
+``/admin/*`` denies ``/admin/x``, ``/admin/x/y`` and ``/adm%69n/x`` but neither ``/admin`` nor
+``/administrator``; list ``/admin`` as well to deny it. A path with empty segments
+(``/api//admin/x``) is also tried with the runs of ``/`` collapsed, since many upstreams treat it
+as ``/api/admin/x``. The query is never matched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["Policy", "Refusal", "is_git_push", "validate_methods", "validate_pattern"]
+
+_PERCENT: Final = re.compile(rb"%([0-9A-Fa-f]{2})")
+_PERCENT_STR: Final = re.compile(r"%[0-9A-Fa-f]{2}")
+_SLASHES: Final = re.compile(r"//+")
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_QUERY_SPLIT: Final = re.compile(rb"[&;]")
+
+_RECEIVE_PACK: Final = b"/git-receive-pack"
+_INFO_REFS: Final = b"/info/refs"
+_SERVICE: Final = b"service"
+_RECEIVE_PACK_SERVICE: Final = b"git-receive-pack"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a request is refused: maps onto a ProxyError's status, type, message and headers."""
+
+    status: int
+    type: str
+    #: Safe to show the client (never quotes request bytes): says why and what to do instead.
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+_GIT_PUSH_DENIED: Final = Refusal(
+    403,
+    "git_push_denied",
+    "pushing to git repositories through this proxy is refused; "
+    "push from a trusted machine with your own credentials instead",
+)
+_FORBIDDEN: Final = Refusal(403, "forbidden", "this path is not available through the proxy")
+
+
+def _unquote(data: bytes) -> bytes:
+    return _PERCENT.sub(lambda m: bytes((int(m.group(1), 16),)), data) if b"%" in data else data
+
+
+def is_git_push(method: bytes, path: bytes, query: bytes) -> bool:
+    """Is this a git smart-HTTP push (``git-receive-pack``)?
+
+    True for ``POST .../git-receive-pack`` and for ``GET .../info/refs`` with a query parameter
+    ``service=git-receive-pack``. ``path`` excludes the query; ``query`` keeps its leading ``?``
+    or is ``b""``. The path suffix is compared after percent-decoding, case-sensitively (like git),
+    ignoring trailing slashes. The query is split on ``&`` and ``;``, each parameter on its first
+    ``=``, and name and value are percent-decoded, in any order and position; a fetch
+    (``service=git-upload-pack``) is not a push. The method is compared exactly.
+    """
+    if method == b"POST":
+        return _unquote(path).rstrip(b"/").endswith(_RECEIVE_PACK)
+    if method != b"GET" or not query or not _unquote(path).rstrip(b"/").endswith(_INFO_REFS):
+        return False
+    for param in _QUERY_SPLIT.split(query.removeprefix(b"?")):
+        name, sep, value = param.partition(b"=")
+        if sep and _unquote(name) == _SERVICE and _unquote(value) == _RECEIVE_PACK_SERVICE:
+            return True
+    return False
+
+
+def validate_methods(methods: Sequence[str]) -> str | None:
+    """A problem with a ``methods`` allow-list, or ``None``. Methods are case-sensitive
+    RFC 9110 tokens; upper case is required so that ``get`` is not silently never matched."""
+    if isinstance(methods, str) or not methods:
+        return "must be a non-empty list of HTTP methods"
+    seen: set[str] = set()
+    for method in methods:
+        if not isinstance(method, str) or not _TOKEN.fullmatch(method):
+            return f"each method must be an HTTP token (e.g. GET), got {method!r}"
+        if method != method.upper():
+            return f"methods are case-sensitive and must be upper-case, got {method!r}"
+        if method in seen:
+            return f"duplicate method {method!r}"
+        seen.add(method)
+    return None
+
+
+def validate_pattern(p: str) -> str | None:
+    """A problem with a ``deny_paths`` glob pattern, or ``None``."""
+    if not isinstance(p, str) or not p.startswith("/"):
+        return f"must be a path pattern starting with '/', got {p!r}"
+    if _PERCENT_STR.search(p):
+        return f"is matched against the percent-decoded path: write characters decoded, got {p!r}"
+    return None
+
+
+class Policy:
+    """Compiled from a route's settings once (at config load), evaluated per request.
+
+    ``methods=None`` allows every method; otherwise only the listed ones, plus ``HEAD`` when
+    ``GET`` is listed. Invalid settings raise :class:`ValueError` (the config loader is expected
+    to have reported them with :func:`validate_methods` / :func:`validate_pattern` already).
+    """
+
+    __slots__ = ("_deny", "_deny_git_push", "_method_refusal", "_methods")
+
+    def __init__(
+        self,
+        *,
+        methods: Sequence[str] | None = None,
+        deny_paths: Sequence[str] = (),
+        deny_git_push: bool = False,
+    ) -> None:
+        self._deny_git_push = bool(deny_git_push)
+        self._methods: frozenset[bytes] = frozenset()
+        self._method_refusal: Refusal | None = None
+        if methods is not None:
+            problem = validate_methods(methods)
+            if problem:
+                raise ValueError(f"methods: {problem}")
+            allowed: list[str] = []
+            for method in methods:
+                allowed.append(method)
+                if method == "GET" and "HEAD" not in methods:
+                    allowed.append("HEAD")
+            self._methods = frozenset(m.encode("ascii") for m in allowed)
+            self._method_refusal = Refusal(
+                405,
+                "method_not_allowed",
+                f"this method is not allowed on this route; use one of: {', '.join(allowed)}",
+                ((b"Allow", ", ".join(allowed).encode("ascii")),),
+            )
+        if isinstance(deny_paths, str):
+            raise ValueError("deny_paths: must be a list of patterns, not a string")
+        for pattern in deny_paths:
+            problem = validate_pattern(pattern)
+            if problem:
+                raise ValueError(f"deny_paths: {problem}")
+        self._deny: re.Pattern[str] | None = None
+        if deny_paths:
+            alternatives = "|".join(fnmatch.translate(p) for p in dict.fromkeys(deny_paths))
+            self._deny = re.compile(f"(?:{alternatives})")
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no rule is set: the hot path may skip :meth:`check`."""
+        return not self._deny_git_push and self._method_refusal is None and self._deny is None
+
+    def check(self, method: bytes, path: bytes, query: bytes) -> Refusal | None:
+        """``None`` if the request may go on, else why it is refused (see the module docstring)."""
+        if self._deny_git_push and is_git_push(method, path, query):
+            return _GIT_PUSH_DENIED
+        if self._method_refusal is not None and method not in self._methods:
+            return self._method_refusal
+        if self._deny is not None and _denied(self._deny, path):
+            return _FORBIDDEN
+        return None
+
+
+def _denied(deny: re.Pattern[str], path: bytes) -> bool:
+    decoded = _unquote(path).decode("utf-8", "surrogateescape")
+    if deny.match(decoded):
+        return True
+    return "//" in decoded and deny.match(_SLASHES.sub("/", decoded)) is not None
