@@ -39,6 +39,7 @@ from ._validate import (
     _Problems,
     _typed,
 )
+from .policy import validate_methods, validate_pattern
 
 __all__ = [
     "Config",
@@ -107,15 +108,16 @@ _INBOUND_MODES = ("none", "bearer", "forward_auth")
 _RATE_KEYS = ("client_ip", "identity", "bearer")
 
 
-def _string_tuple(p: _Problems, obj: object, name: str, *, optional: bool = False) -> None:
-    """Accept a list or tuple of strings (stored as a tuple)."""
+def _string_tuple(p: _Problems, obj: object, name: str, *, optional: bool = False) -> bool:
+    """Accept a list or tuple of strings (stored as a tuple); False if it is not one."""
     value = getattr(obj, name)
     if value is None and optional:
-        return
+        return True
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         p.add(name, f"expected an array of strings, got {_describe(value)}")
-        return
+        return False
     object.__setattr__(obj, name, tuple(value))
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,14 +252,13 @@ class Route:
         if inbound is not None and inbound not in _INBOUND_MODES:
             p.add("inbound", f"must be one of {', '.join(_INBOUND_MODES)}, got {inbound!r}")
         _typed(p, self, "deny_git_push", bool)
-        _string_tuple(p, self, "methods", optional=True)
-        for method in self.methods or ():
-            if isinstance(method, str) and not _TOKEN_RE.fullmatch(method):
-                p.add("methods", f"{method!r} is not a valid HTTP method")
-        _string_tuple(p, self, "deny_paths")
-        for pattern in self.deny_paths:
-            if isinstance(pattern, str) and not pattern.startswith("/"):
-                p.add("deny_paths", f"pattern {pattern!r} must start with '/'")
+        methods_ok = _string_tuple(p, self, "methods", optional=True)
+        if methods_ok and self.methods is not None and (problem := validate_methods(self.methods)):
+            p.add("methods", problem)
+        if _string_tuple(p, self, "deny_paths"):
+            for pattern in self.deny_paths:
+                if problem := validate_pattern(pattern):
+                    p.add("deny_paths", problem)
         max_body = _typed(p, self, "max_body_bytes", int, optional=True)
         if max_body is not None and max_body < 0:
             p.add("max_body_bytes", f"must be >= 0, got {max_body}")
