@@ -1,15 +1,14 @@
 """Secrets: injected upstream tokens and the inbound bearer secret, all failing closed.
 
-* :class:`TokenSource` holds where an upstream token comes from (an environment variable or a
-  file) and returns it per request, re-reading a file when it changes.
-* :class:`InboundSecrets` holds the secret file that callers of the proxy must present as
-  ``Authorization: Bearer <secret>``: one secret per line (current + previous for rotation),
-  compared in constant time, re-read on rotation, and refusing everything while unusable.
-* :func:`generate_secret` writes a new secret file that is mode 0600 from creation (temporary file
-  + atomic rename); :func:`check_secret` describes one without showing it.
+* :class:`TokenSource`: an upstream token from an env var or a file (re-read when it changes).
+* :class:`InboundSecrets`: the file of secrets callers present as ``Authorization: Bearer``,
+  one per line (current + previous), compared in constant time, re-read on rotation, refusing
+  everything while unusable. :func:`parse_bearer` extracts the presented token.
+* :func:`generate_secret` writes a secret file that is 0600 from creation (temp file + atomic
+  rename); :func:`check_secret` describes one without showing it.
 
 Secret values never appear in an exception message, a log line or a repr. Pure stdlib (no trio):
-file reads are small and happen only when a file's stat signature changes.
+files are small and read again only when their stat signature changes.
 """
 
 from __future__ import annotations
@@ -39,6 +38,13 @@ def _signature(st: os.stat_result) -> _Signature:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _stat_signature(path: str) -> _Signature | None:
+    try:
+        return _signature(os.stat(path))
+    except OSError:
+        return None
+
+
 def _bad_header_bytes(value: bytes) -> bool:
     """True if ``value`` holds a byte not allowed in a header value (CR, LF, NUL, controls)."""
     return any(b < 0x20 or b == 0x7F for b in value)
@@ -47,11 +53,16 @@ def _bad_header_bytes(value: bytes) -> bool:
 def _read_small_file(path: str) -> tuple[bytes, os.stat_result]:
     """Read a regular file of at most 64 KiB, or OSError. Opened non-blocking so a FIFO cannot
     hang the proxy; the signature is the ``fstat`` of what was read, so later changes are seen."""
-    with os.fdopen(os.open(path, _READ_FLAGS), "rb") as f:
-        st = os.fstat(f.fileno())
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(0, "not a regular file")
-        data = f.read(_MAX_FILE_BYTES + 1)
+        data = b""
+        while len(data) <= _MAX_FILE_BYTES and (chunk := os.read(fd, _MAX_FILE_BYTES + 1)):
+            data += chunk
+    finally:
+        os.close(fd)
     if len(data) > _MAX_FILE_BYTES:
         raise OSError(0, f"larger than {_MAX_FILE_BYTES} bytes")
     return data, st
@@ -66,15 +77,12 @@ class TokenSource:
     __slots__ = ("_env", "_file", "_loaded", "_problem", "_sig", "_token", "label")
 
     def __init__(self, *, env: str | None = None, file: str | None = None) -> None:
-        if (env is None) == (file is None):
-            raise ValueError("TokenSource needs exactly one of env= or file=")
-        self._env = env
-        self._file = file
+        if (env is None) == (file is None) or not (env or file):
+            raise ValueError("TokenSource needs exactly one non-empty env= or file=")
+        self._env, self._file, self._loaded, self._problem = env, file, False, ""
         self.label = f"environment variable {env}" if env is not None else f"token file {file}"
         self._token: bytes | None = None
-        self._problem = ""
         self._sig: _Signature | None = None
-        self._loaded = False
 
     def load(self) -> None:
         """(Re)read now: at start and on reload. A missing/empty value is remembered as missing
@@ -108,15 +116,9 @@ class TokenSource:
     def get(self) -> bytes:
         """The token for a request; re-reads a token file whose stat signature changed (one
         ``os.stat`` per call). Raises :class:`SecretError` while the token is unavailable."""
-        if not self._loaded:
+        file = self._file
+        if not self._loaded or (file and (self._sig is None or _stat_signature(file) != self._sig)):
             self.load()
-        elif self._file is not None:
-            try:
-                sig: _Signature | None = _signature(os.stat(self._file))
-            except OSError:
-                sig = None
-            if sig is None or sig != self._sig:
-                self.load()
         if self._token is None:
             raise SecretError(self._problem)
         return self._token
@@ -137,6 +139,7 @@ def _parse_secrets(path: str, data: bytes) -> tuple[list[bytes], list[str]]:
     """Secrets in file order, and problems (by line number; never a value)."""
     found: list[bytes] = []
     problems: list[str] = []
+    hint = _generate_hint(path, force=True)
     for number, line in enumerate(data.splitlines(), start=1):
         entry = line.strip()
         if not entry or entry.startswith(b"#"):
@@ -149,13 +152,11 @@ def _parse_secrets(path: str, data: bytes) -> tuple[list[bytes], list[str]]:
         elif len(entry) < MIN_SECRET_LENGTH:
             problems.append(
                 f"line {number}: the secret is {len(entry)} characters, fewer than the minimum "
-                f"{MIN_SECRET_LENGTH}; replace it with one from {_generate_hint(path, force=True)}"
+                f"{MIN_SECRET_LENGTH}; replace it with one from {hint}"
             )
         found.append(entry)
     if not found and not problems:
-        problems.append(
-            f"empty (no secret in it); create one with {_generate_hint(path, force=True)}"
-        )
+        problems.append(f"empty (no secret in it); create one with {hint}")
     return found, problems
 
 
@@ -170,17 +171,14 @@ def _read_error(path: str, exc: OSError) -> str:
 
 def _mode_problems(path: str, st: os.stat_result) -> list[str]:
     mode = stat.S_IMODE(st.st_mode)
-    quoted = shlex.quote(path)
-    problems: list[str] = []
-    if mode & 0o044:
-        problems.append(f"readable by group or others (mode {mode:04o}); run chmod 600 {quoted}")
-    elif mode & 0o022:
-        problems.append(f"writable by group or others (mode {mode:04o}); run chmod 600 {quoted}")
+    quoted, problems = shlex.quote(path), []
+    if mode & 0o066:
+        what = "readable" if mode & 0o044 else "writable"
+        problems.append(f"{what} by group or others (mode {mode:04o}); run chmod 600 {quoted}")
     euid = os.geteuid() if hasattr(os, "geteuid") else st.st_uid
     if st.st_uid != euid:
         problems.append(
-            f"owned by uid {st.st_uid}, not by the proxy's user (uid {euid}); "
-            f"run chown {euid} {quoted}"
+            f"owned by uid {st.st_uid}, not the proxy's user; run chown {euid} {quoted}"
         )
     return problems
 
@@ -192,11 +190,10 @@ class InboundSecrets:
     __slots__ = ("_healthy", "_problem", "_secrets", "_sig", "_warnings", "path")
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path, self._healthy = path, False
         self._secrets: list[bytes] = []
         self._sig: _Signature | None = None
-        self._healthy = False
-        self._problem: str | None = None
+        self._problem: str | None = None  # the logged reason while failing closed
         self._warnings: list[str] = []
 
     def _read(self) -> tuple[list[bytes], os.stat_result]:
@@ -243,11 +240,7 @@ class InboundSecrets:
 
     def _refresh(self) -> None:
         """Re-read if the file changed (one ``os.stat``), or on every call while failing."""
-        try:
-            sig = _signature(os.stat(self.path))
-        except OSError:
-            sig = None
-        if sig is None or sig != self._sig or not self._healthy:
+        if not self._healthy or self._sig is None or _stat_signature(self.path) != self._sig:
             self.reload()
 
     def match(self, presented: bytes) -> int | None:
@@ -300,15 +293,16 @@ def generate_secret(out: str, *, force: bool = False) -> str:
     directory = os.path.dirname(os.path.abspath(out))
     tmp = os.path.join(directory, f".{os.path.basename(out)}.{secrets.token_hex(8)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-    created = False
+    data, fd, created = (secrets.token_urlsafe(32) + "\n").encode("ascii"), -1, False
     try:
         fd = os.open(tmp, flags, 0o600)
         created = True
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(fd, 0o600)  # umask can only remove bits; make the mode exact anyway
-            f.write((secrets.token_urlsafe(32) + "\n").encode("ascii"))
-            f.flush()
-            os.fsync(fd)
+        os.fchmod(fd, 0o600)  # umask can only remove bits; make the mode exact anyway
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)  # unbuffered writes: nothing to flush before the fsync
+        os.close(fd)
+        fd = -1
         os.replace(tmp, out)
         created = False
     except OSError as exc:
@@ -317,6 +311,8 @@ def generate_secret(out: str, *, force: bool = False) -> str:
             "exists and is writable"
         ) from None
     finally:
+        if fd >= 0:
+            os.close(fd)
         if created:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -337,19 +333,14 @@ def check_secret(path: str) -> str:
     except OSError as exc:
         raise SecretError(f"secret file {path}: {_read_error(path, exc)}") from None
     found, problems = _parse_secrets(path, data)
-    mode = stat.S_IMODE(st.st_mode)
-    mode_problems = _mode_problems(path, st)
+    mode, mode_problems = stat.S_IMODE(st.st_mode), _mode_problems(path, st)
     if mode not in (0o600, 0o400) and not mode & 0o066:
         mode_problems.append(f"mode {mode:04o} is unusual; run chmod 600 {shlex.quote(path)}")
-    safe = not mode_problems
-    problems += mode_problems
     lengths = ", ".join(str(len(s)) for s in found) or "none"
-    noun = "secret" if len(found) == 1 else "secrets"
     report = (
-        f"Secret file {path}: {len(found)} {noun} (lengths: {lengths}; minimum "
-        f"{MIN_SECRET_LENGTH}); mode {mode:04o}, owner uid {st.st_uid}: "
-        f"{'safe' if safe else 'NOT safe'}."
+        f"Secret file {path}: {len(found)} secret{'' if len(found) == 1 else 's'} (lengths: "
+        f"{lengths}; minimum {MIN_SECRET_LENGTH}); mode {mode:04o}, owner uid {st.st_uid}: "
+        f"{'NOT safe' if mode_problems else 'safe'}."
     )
-    if problems:
-        return report + " Problems: " + "; ".join(problems) + "."
-    return report + " No problems found."
+    problems += mode_problems
+    return report + (f" Problems: {'; '.join(problems)}." if problems else " No problems found.")

@@ -39,6 +39,29 @@ def write(path: Path, text: str, mode: int = 0o600, bump: int = 0) -> Path:
     return path
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
+    """Replace ``os.<name>`` for each name with a wrapper that records the call's name."""
+    calls: list[str] = []
+
+    def wrap(name: str) -> Callable[..., Any]:
+        real = getattr(os, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in names:
+        monkeypatch.setattr(os, name, wrap(name))
+    return calls
+
+
+def is_healthy(inbound: InboundSecrets) -> bool:
+    """``inbound.healthy`` read through a call, so mypy does not narrow it between reads."""
+    return inbound.healthy
+
+
 @pytest.fixture
 def secret_file(tmp_path: Path) -> Path:
     return write(tmp_path / "inbound", f"{SECRET_A}\n")
@@ -100,7 +123,7 @@ def test_token_get_before_load_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert TokenSource(env="PC_TEST_TOKEN").get() == b"tok"
 
 
-@pytest.mark.parametrize("bad", ["abc\r\nX-Evil: 1", "abc\x00def", "abc\ndef", "a\x7fb", "a\x1bb"])
+@pytest.mark.parametrize("bad", ["abc\r\nX-Evil: 1", "abc\ndef", "a\x7fb", "a\x1bb"])
 def test_token_env_header_injection_refused(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     monkeypatch.setenv("PC_TEST_TOKEN", bad)
     source = TokenSource(env="PC_TEST_TOKEN")
@@ -114,7 +137,7 @@ def test_token_env_header_injection_refused(monkeypatch: pytest.MonkeyPatch, bad
     assert "abc" not in message and "Evil" not in message
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"env": "A", "file": "/b"}])
+@pytest.mark.parametrize("kwargs", [{}, {"env": "A", "file": "/b"}, {"env": ""}, {"file": ""}])
 def test_token_source_needs_exactly_one(kwargs: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         TokenSource(**kwargs)
@@ -148,19 +171,7 @@ def test_token_file_one_stat_per_get_and_no_reread(
     path = write(tmp_path / "gh", "tok\n")
     source = TokenSource(file=str(path))
     source.load()
-    calls: list[str] = []
-    real_stat, real_open = os.stat, os.open
-
-    def counting_stat(*args: Any, **kwargs: Any) -> os.stat_result:
-        calls.append("stat")
-        return real_stat(*args, **kwargs)
-
-    def counting_open(*args: Any, **kwargs: Any) -> int:
-        calls.append("open")
-        return real_open(*args, **kwargs)
-
-    monkeypatch.setattr(os, "stat", counting_stat)
-    monkeypatch.setattr(os, "open", counting_open)
+    calls = count_calls(monkeypatch, "stat", "open", "fstat")
     for _ in range(5):
         assert source.get() == b"tok"
     assert calls == ["stat"] * 5
@@ -185,6 +196,27 @@ def test_token_file_unreadable(tmp_path: Path) -> None:
         source.get()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_unreadable_file_does_not_leak_descriptors(tmp_path: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    source = TokenSource(file=str(tmp_path / "dir"))
+    inbound = InboundSecrets(str(tmp_path / "dir"))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with pytest.raises(SecretError, match="not a regular file"):
+            source.get()
+        assert inbound.match(SECRET_A.encode()) is None
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_token_file_too_large(tmp_path: Path) -> None:
+    path = write(tmp_path / "gh", "x" * (64 * 1024 + 1))
+    with pytest.raises(SecretError, match="larger than 65536 bytes"):
+        TokenSource(file=str(path)).get()
+    path.write_text("y" * (64 * 1024))
+    assert TokenSource(file=str(path)).get() == b"y" * (64 * 1024)
+
+
 def test_token_file_empty(tmp_path: Path) -> None:
     path = write(tmp_path / "gh", " \n\n")
     source = TokenSource(file=str(path))
@@ -193,8 +225,9 @@ def test_token_file_empty(tmp_path: Path) -> None:
         source.get()
 
 
-def test_token_file_crlf_inside_refused(tmp_path: Path) -> None:
-    path = write(tmp_path / "gh", "abc\r\nX-Evil: 1\n")
+@pytest.mark.parametrize("bad", ["abc\r\nX-Evil: 1", "abc\x00Evil", "abc\nEvil", "abc\rEvil"])
+def test_token_file_crlf_inside_refused(tmp_path: Path, bad: str) -> None:
+    path = write(tmp_path / "gh", f"{bad}\n")
     source = TokenSource(file=str(path))
     source.load()
     with pytest.raises(SecretError, match="contains characters not allowed in a header") as info:
@@ -260,7 +293,7 @@ def test_inbound_unreadable(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text", ["", "\n\n  \n", "# only a comment\n\n"])
 def test_inbound_empty(tmp_path: Path, text: str) -> None:
     path = write(tmp_path / "inbound", text)
-    with pytest.raises(SecretError, match="empty .*proxycore secret generate"):
+    with pytest.raises(SecretError, match=r"empty .*proxycore secret generate"):
         InboundSecrets(str(path)).load_at_start()
 
 
@@ -278,22 +311,23 @@ def test_inbound_24_chars_accepted(tmp_path: Path) -> None:
     exact = "x" * MIN_SECRET_LENGTH
     inbound = InboundSecrets(str(write(tmp_path / "inbound", f"{exact}\n")))
     assert inbound.load_at_start() == []
-    assert inbound.healthy
+    assert is_healthy(inbound)
     assert inbound.match(exact.encode()) == 0
 
 
 def test_inbound_whitespace_inside_refused(tmp_path: Path) -> None:
     path = write(tmp_path / "inbound", f"{SECRET_A} {SECRET_B}\n")
-    with pytest.raises(SecretError, match="line 1: .*whitespace") as info:
+    with pytest.raises(SecretError, match=r"line 1: .*whitespace") as info:
         InboundSecrets(str(path)).load_at_start()
     assert SECRET_A not in str(info.value)
 
 
-def test_inbound_group_readable_warns(tmp_path: Path) -> None:
-    path = write(tmp_path / "inbound", f"{SECRET_A}\n", mode=0o644)
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_inbound_group_readable_warns(tmp_path: Path, mode: int) -> None:
+    path = write(tmp_path / "inbound", f"{SECRET_A}\n", mode=mode)
     warnings = InboundSecrets(str(path)).load_at_start()
     assert warnings == [
-        f"inbound secret file {path} is readable by group or others (mode 0644); "
+        f"inbound secret file {path} is readable by group or others (mode {mode:04o}); "
         f"run chmod 600 {path}"
     ]
 
@@ -354,10 +388,7 @@ def test_inbound_rotation_by_atomic_replace(tmp_path: Path, secret_file: Path) -
 def test_inbound_one_stat_per_match(secret_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     inbound = InboundSecrets(str(secret_file))
     inbound.load_at_start()
-    calls: list[str] = []
-    real_stat, real_open = os.stat, os.open
-    monkeypatch.setattr(os, "stat", lambda *a, **k: calls.append("stat") or real_stat(*a, **k))
-    monkeypatch.setattr(os, "open", lambda *a, **k: calls.append("open") or real_open(*a, **k))
+    calls = count_calls(monkeypatch, "stat", "open", "fstat")
     for _ in range(4):
         assert inbound.match(SECRET_A.encode()) == 0
     assert calls == ["stat"] * 4
@@ -372,14 +403,14 @@ def test_inbound_fail_closed_when_deleted_and_recover(
     secret_file.unlink()
     for presented in (SECRET_A, SECRET_B, "", "x" * 30, SECRET_A):
         assert inbound.match(presented.encode()) is None
-    assert not inbound.healthy
+    assert not is_healthy(inbound)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # one per change of state, not one per request
     assert "missing" in warnings[0].getMessage() and str(secret_file) in warnings[0].getMessage()
 
     write(secret_file, f"{SECRET_A}\n")
     assert inbound.match(SECRET_A.encode()) == 0
-    assert inbound.healthy
+    assert is_healthy(inbound)
     assert "usable again" in caplog.records[-1].getMessage()
     assert all(SECRET_A not in r.getMessage() for r in caplog.records)
 
@@ -397,7 +428,7 @@ def test_inbound_fail_closed_on_bad_rewrite(
         write(secret_file, broken, bump=5)
     assert inbound.match(SECRET_A.encode()) is None
     assert inbound.match(b"short-secret") is None
-    assert not inbound.healthy
+    assert not is_healthy(inbound)
     assert len(caplog.records) == 1
     assert "short-secret" not in caplog.text and SECRET_A not in caplog.text
 
@@ -423,10 +454,10 @@ def test_inbound_reload_now(secret_file: Path) -> None:
     inbound.load_at_start()
     secret_file.unlink()
     inbound.reload()
-    assert not inbound.healthy
+    assert not is_healthy(inbound)
     write(secret_file, f"{SECRET_B}\n")
     inbound.reload()
-    assert inbound.healthy
+    assert is_healthy(inbound)
     assert inbound.match(SECRET_B.encode()) == 0
 
 
@@ -437,7 +468,7 @@ def test_inbound_reload_logs_new_mode_warning(
     inbound.load_at_start()
     secret_file.chmod(0o644)
     inbound.reload()
-    assert inbound.healthy
+    assert is_healthy(inbound)
     assert [r.getMessage() for r in caplog.records] == [
         f"inbound secret file {secret_file} is readable by group or others (mode 0644); "
         f"run chmod 600 {secret_file}"
@@ -446,9 +477,9 @@ def test_inbound_reload_logs_new_mode_warning(
 
 def test_inbound_match_without_load_at_start(secret_file: Path) -> None:
     inbound = InboundSecrets(str(secret_file))
-    assert not inbound.healthy
+    assert not is_healthy(inbound)
     assert inbound.match(SECRET_A.encode()) == 0
-    assert inbound.healthy
+    assert is_healthy(inbound)
 
 
 def test_inbound_non_ascii_does_not_raise(secret_file: Path) -> None:
@@ -556,7 +587,7 @@ def test_generate_secret_is_random(tmp_path: Path) -> None:
 
 def test_generate_secret_refuses_overwrite(tmp_path: Path) -> None:
     out = write(tmp_path / "inbound", "keep me\n", mode=0o644)
-    with pytest.raises(SecretError, match="already exists.*--force"):
+    with pytest.raises(SecretError, match=r"already exists.*--force"):
         generate_secret(str(out))
     assert out.read_text() == "keep me\n"
     assert sorted(os.listdir(tmp_path)) == ["inbound"]
@@ -605,7 +636,7 @@ def test_generate_secret_0600_at_every_moment(
         monkeypatch.setattr(os, name, spying(name))
     generate_secret(str(out))
 
-    assert [name for name, _ in calls if name != "open"] == ["fchmod", "fsync", "replace"]
+    assert [name for name, _ in calls if name != "open"] == ["fchmod", "fsync", "replace", "fsync"]
     assert [entry for entry in seen if entry[2] != 0o600] == []
     assert {name for step, name, _ in seen if step == "after replace"} == {"inbound"}
     tmp_names = {name for step, name, _ in seen if step == "before replace"}
@@ -627,7 +658,7 @@ def test_generate_secret_cleans_up_on_failure(
 
     monkeypatch.setattr(os, failing, boom)
     out = tmp_path / "inbound"
-    with pytest.raises(SecretError, match="cannot write secret file .*No space left"):
+    with pytest.raises(SecretError, match=r"cannot write secret file .*No space left"):
         generate_secret(str(out))
     assert os.listdir(tmp_path) == []
 
