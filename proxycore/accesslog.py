@@ -36,6 +36,8 @@ class ExchangeRecord:
     ttfb: float | None = None
     duration: float = 0.0
     outcome: str = "complete"
+    #: Upstream failure kind for metrics (connect, timeout, reset, protocol), or "".
+    error_kind: str = ""
 
     def as_json(self) -> str:
         return json.dumps(

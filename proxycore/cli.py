@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
 import trio
 
 from .accesslog import configure_logging
-from .config import Config, ConfigError, Route, ServerSettings
+from .config import AdminSettings, Config, ConfigError, Route, ServerSettings
 from .secrets import SecretError, check_secret, generate_secret
+from .server import Server
 
 __all__ = ["load_config", "main", "route_table"]
 
@@ -40,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_args(serve, allow_upstream=True)
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.add_argument("--no-access-log", action="store_true", help="turn the access log off")
+    serve.add_argument("--pid-file", metavar="FILE", help="write the process id here")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the listeners (0: one per core; default: server.workers)",
+    )
+
+    # Set by the supervisor for its workers (not for users).
+    serve.add_argument("--listen-override", help=argparse.SUPPRESS)
+    serve.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
+
+    reload = sub.add_parser("reload", help="ask a running proxy to reload its config (SIGHUP)")
+    reload.add_argument("--pid-file", required=True, metavar="FILE")
 
     check = sub.add_parser("check", help="validate a config and print the route table")
     _add_source_args(check, allow_upstream=False)
@@ -107,7 +126,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .runner import pid_file
 
     configure_logging(args.log_level, access=not args.no_access_log)
     try:
@@ -116,16 +135,59 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"proxycore: {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    worker = args.listen_override is not None
+    workers = config.server.workers if args.workers is None else args.workers
+    if workers != 1 and not worker:
+        from .supervisor import supervise
+
+        with pid_file(args.pid_file):
+            return supervise(args, config, workers)
+    source = args.config or args.routes
+    adjust = None
+    if worker:
+        listen = tuple(args.listen_override.split(","))
+
+        def adjust(c: Config) -> Config:
+            return dataclasses.replace(
+                c,
+                server=dataclasses.replace(c.server, listen=listen, workers=1),
+                admin=AdminSettings(listen="127.0.0.1:0"),
+            )
+
+        config = adjust(config)
     try:
-        trio.run(serve, config)
+        server = Server(config, reuse_port=worker, adjust=adjust)
+        with pid_file(args.pid_file):
+            trio.run(_run_process, server, source, args.report_fd)
     except (ConfigError, SecretError) as exc:
         print(f"proxycore: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:
         print(f"proxycore: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        pass
+    return 0
+
+
+async def _run_process(server: Server, source: str | None, report_fd: int | None) -> None:
+    from .runner import run_server
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_server, server, source)
+        if report_fd is not None:  # tell the supervisor we are serving, and where our admin is
+            os.write(report_fd, json.dumps({"admin": server.admin_address}).encode() + b"\n")
+            os.close(report_fd)
+
+
+def _cmd_reload(args: argparse.Namespace) -> int:
+    from .runner import read_pid_file
+
+    try:
+        pid = read_pid_file(args.pid_file)
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        print(f"proxycore: cannot signal the proxy in {args.pid_file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to {pid}")
     return 0
 
 
@@ -146,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "secret":
         return _cmd_secret(args)
+    if args.command == "reload":
+        return _cmd_reload(args)
     if args.command == "check":
         return _cmd_check(args)
     if args.command == "serve":

@@ -42,6 +42,7 @@ from ._validate import (
 from .policy import validate_methods, validate_pattern
 
 __all__ = [
+    "AdminSettings",
     "Config",
     "ConfigError",
     "Inbound",
@@ -280,6 +281,8 @@ class ServerSettings:
     header_timeout: float = 30.0
     keepalive_timeout: float = 75.0
     allow_public: bool = False
+    shutdown_grace: float = 30.0
+    workers: int = 1
 
     def __post_init__(self) -> None:
         p = _Problems()
@@ -307,6 +310,8 @@ class ServerSettings:
         _number(p, self, "header_timeout", zero_ok=False)
         _number(p, self, "keepalive_timeout", zero_ok=False)
         _typed(p, self, "allow_public", bool)
+        _number(p, self, "shutdown_grace", zero_ok=True)
+        _integer(p, self, "workers", 0, 1024)
         p.check()
 
     @property
@@ -331,6 +336,27 @@ class PoolSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """The admin listener (``/healthz``, ``/readyz``, ``/metrics``); off when ``listen`` is None."""
+
+    listen: str | None = None
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        listen = _typed(p, self, "listen", str, optional=True)
+        if listen is not None:
+            try:
+                _parse_listen(listen)
+            except ValueError as exc:
+                p.add("listen", str(exc))
+        p.check()
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return _parse_listen(self.listen) if self.listen is not None else None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole proxy configuration. Zero routes is allowed in code (not from files)."""
 
@@ -339,6 +365,7 @@ class Config:
     timeouts: Timeouts = Timeouts()
     pool: PoolSettings = PoolSettings()
     inbound: Inbound = Inbound()
+    admin: AdminSettings = AdminSettings()
     source: str | None = None
 
     def __post_init__(self) -> None:
@@ -357,6 +384,7 @@ class Config:
         _instance(p, self, "timeouts", Timeouts)
         _instance(p, self, "pool", PoolSettings)
         _instance(p, self, "inbound", Inbound)
+        _instance(p, self, "admin", AdminSettings)
         _typed(p, self, "source", str, optional=True)
         if not p.items:
             for index, route in enumerate(self.routes):
@@ -386,7 +414,7 @@ class Config:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a table at the top level, got {_describe(raw)}")
         p = _Problems()
-        _check_keys(p, raw, "", ("server", "timeouts", "pool", "inbound", "routes"))
+        _check_keys(p, raw, "", ("server", "timeouts", "pool", "inbound", "admin", "routes"))
         server = _build(p, ServerSettings, raw.get("server", {}), "server")
         timeouts = _build(p, Timeouts, raw.get("timeouts", {}), "timeouts") or Timeouts()
         pool = _build(p, PoolSettings, raw.get("pool", {}), "pool")
@@ -396,6 +424,7 @@ class Config:
             secret_file = os.path.join(base_dir, inbound_table["secret_file"])
             inbound_table = {**inbound_table, "secret_file": secret_file}
         inbound = _build(p, Inbound, inbound_table, "inbound")
+        admin = _build(p, AdminSettings, raw.get("admin", {}), "admin")
         routes: list[tuple[int, Route]] = []
         raw_routes = raw.get("routes", ())
         if not isinstance(raw_routes, list | tuple):
@@ -415,6 +444,7 @@ class Config:
             timeouts=timeouts,
             pool=pool or PoolSettings(),
             inbound=inbound or Inbound(),
+            admin=admin or AdminSettings(),
             source=source,
         )
 

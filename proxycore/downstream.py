@@ -34,7 +34,7 @@ from .errors import (
     error_body,
 )
 from .exchange import Exchange
-from .headers import request_id_from, serialize_head
+from .headers import reason_phrase, request_id_from, serialize_head
 from .pipe import CHUNK
 from .state import ProxyState
 from .stream import RawStream, StreamBroken
@@ -50,22 +50,6 @@ _SUSPICIOUS_HEAD: Final = re.compile(rb"\n[ \t]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]
 
 LINGER_S: Final = 2.0
 LINGER_BYTES: Final = 1 << 20
-
-_REASONS: Final = {
-    400: b"Bad Request",
-    403: b"Forbidden",
-    404: b"Not Found",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    417: b"Expectation Failed",
-    431: b"Request Header Fields Too Large",
-    499: b"Client Closed Request",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-}
 
 
 class ClientConnection:
@@ -89,7 +73,7 @@ class ClientConnection:
         Resource handling: the socket is closed when this returns or is cancelled.
         """
         state = self.state
-        state.open_connections += 1
+        state.connection_opened()
         try:
             first = True
             while True:
@@ -99,14 +83,14 @@ class ClientConnection:
                     break
                 first = False
                 exchange = Exchange(self, request, self.pending, snapshot)
-                if not await exchange.run():
+                if not await exchange.run() or state.draining:
                     break
             if self.linger:
                 await self._linger()
         except Exception:
             log.exception("unexpected error on a client connection")
         finally:
-            state.open_connections -= 1
+            state.connection_closed()
             self.stream.close()
 
     async def _read_head(self, server: ServerSettings, first: bool) -> h11.Request | None:
@@ -119,9 +103,16 @@ class ClientConnection:
         now = trio.current_time()
         deadline = now + server.header_timeout
         if not data:
+            if self.state.draining:
+                return None
             first_byte_by = deadline if first else now + server.keepalive_timeout
-            with trio.move_on_at(first_byte_by):
-                data = await self._recv()
+            idle_waits = self.state.idle_waits
+            with trio.move_on_at(first_byte_by) as idle:
+                idle_waits.add(idle)
+                try:
+                    data = await self._recv()
+                finally:
+                    idle_waits.discard(idle)
             if not data:
                 return None  # closed, or idle past the keep-alive timeout: close quietly
             if not first:
@@ -210,6 +201,7 @@ class ClientConnection:
             started=trio.current_time(),
         )
         log_exchange(record)
+        self.state.metrics.observe(record)
         await self.send_error(exc, rid.encode(), True, method)
 
     async def send_error(
@@ -227,7 +219,7 @@ class ClientConnection:
         if close:
             headers.append((b"Connection", b"close"))
         self.linger = close
-        reason = _REASONS.get(exc.status, b"Error")
+        reason = reason_phrase(exc.status)
         head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (exc.status, reason), headers)
         with contextlib.suppress(StreamBroken):
             await self.stream.send_all(head if method == b"HEAD" else head + body)

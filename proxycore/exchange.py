@@ -23,7 +23,6 @@ complete one.
 
 from __future__ import annotations
 
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
 import h11
@@ -43,6 +42,7 @@ from .errors import (
     ProxyError,
     UpstreamConnectError,
     UpstreamConnectTimeout,
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
@@ -55,6 +55,7 @@ from .headers import (
     Headers,
     connection_tokens,
     downstream_response_headers,
+    reason_phrase,
     request_framing,
     request_id_from,
     response_framing,
@@ -91,13 +92,6 @@ MAX_INTERIM_RESPONSES: Final = 10
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
-def _phrase(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        return b""
-
-
 class _StaleConnection(Exception):
     """A reused upstream connection died before any response byte: retry once."""
 
@@ -132,6 +126,8 @@ class Exchange:
         self._remaining = 0
         self._scanner = ChunkedScanner()
         self._max_body: int | None = None
+        self._response_scope: trio.CancelScope | None = None
+        self._response_wait = 0.0
         self._xscope: trio.CancelScope | None = None
 
     # -- top level ---------------------------------------------------------
@@ -179,6 +175,7 @@ class Exchange:
             state.exchanges_in_flight -= 1
             rec.duration = trio.current_time() - rec.started
             log_exchange(rec)
+            state.metrics.observe(rec)
         return not self.close_client
 
     def _has(self, name: bytes) -> bool:
@@ -299,6 +296,8 @@ class Exchange:
         timeouts: Timeouts,
     ) -> None:
         reusable = False
+        pool = self.client.state.pool
+        pool.mark_busy(conn.origin)
         try:
             try:
                 await conn.stream.send_all(head)
@@ -329,8 +328,9 @@ class Exchange:
                 self.close_client = True
                 reusable = False
         finally:
+            pool.mark_free(conn.origin)
             if reusable and self.request_done:
-                self.client.state.pool.checkin(conn)
+                pool.checkin(conn)
             else:
                 conn.close()
 
@@ -354,6 +354,7 @@ class Exchange:
                     )
                 self.record.bytes_in += moved
                 self.request_done = True
+                self._start_response_timer()
         except SourceFailed:
             self._abort(ClientGone("client went away during the request body"))
             return
@@ -372,6 +373,11 @@ class Exchange:
         if not client.pending and await client.wait_closed():
             self._abort(ClientGone("client went away"))
 
+    def _start_response_timer(self) -> None:
+        scope = self._response_scope
+        if scope is not None and self.request_done:
+            scope.deadline = trio.current_time() + self._response_wait
+
     def _abort(self, exc: ProxyError) -> None:
         self.side_error = exc
         assert self._xscope is not None
@@ -388,7 +394,11 @@ class Exchange:
         buf = self.client.wbuf
         got = 0
         interim = 0
-        with trio.move_on_after(wait_s):
+        # The wait for the head starts once the request is complete: a slow upload
+        # is the client's (``idle`` bounds it), not the upstream's.
+        self._response_wait = wait_s
+        with trio.CancelScope() as self._response_scope:
+            self._start_response_timer()
             while True:
                 try:
                     event = h.next_event()
@@ -418,6 +428,7 @@ class Exchange:
                     raise UpstreamProtocolError("upstream response head too large")
                 if len(event.headers) > self.snapshot.config.server.max_header_count:
                     raise UpstreamProtocolError("upstream response has too many header fields")
+                self._response_scope = None
                 return event, trailing
         raise UpstreamTimeout(f"no response head from upstream within {wait_s:g} s")
 
@@ -448,6 +459,8 @@ class Exchange:
         up_framing = response_framing(self.method, status, up_headers)
         reusable = response.http_version == b"1.1" and b"close" not in connection_tokens(up_headers)
         kind = up_framing.kind
+        if self.client.state.draining:
+            self.close_client = True
         if kind == "none" or kind == "length":
             out = up_framing
         elif self.client_11:
@@ -466,7 +479,7 @@ class Exchange:
             keep_length=self.method == b"HEAD" or status == 304,
             close=self.close_client,
         )
-        reason = response.reason or _phrase(status)
+        reason = response.reason or reason_phrase(status)
         head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), headers)
         up, down, buf, idle = conn.stream, self.client.stream, self.client.wbuf, timeouts.idle
         try:
@@ -534,6 +547,8 @@ class Exchange:
     async def _fail(self, exc: ProxyError) -> None:
         rec = self.record
         rec.outcome = exc.outcome
+        if isinstance(exc, UpstreamError):
+            rec.error_kind = exc.kind
         if self.head_sent or isinstance(exc, ClientGone):
             # Mid-body (or nobody to answer): cut the connection, no clean end.
             self.close_client = True

@@ -8,7 +8,8 @@ headers listed in ``identity_headers``; 401/403 refuse it; anything else
 with 503.
 
 Decisions can be cached for ``cache_seconds``, keyed by a SHA-256 of the
-credentials (never the credentials themselves), in a bounded dict.
+credentials with the method, host and URI (never the credentials
+themselves), in a bounded dict; "could not decide" is never cached.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ __all__ = ["Decision", "ForwardAuth"]
 
 MAX_CACHE_ENTRIES: Final = 10_000
 MAX_AUTH_RESPONSE_BYTES: Final = 64 * 1024
+
+
+class _Stale(Exception):
+    """A reused connection closed before answering."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +76,9 @@ class ForwardAuth:
         authorization = next((v for n, v in headers if n.lower() == b"authorization"), b"")
         key = b""
         if self._cache_s:
-            key = hashlib.sha256(cookie + b"\0" + authorization).digest()
+            # The request's method, host and URI are part of the key: the service
+            # may decide per path, and an "allow" must not leak to other paths.
+            key = hashlib.sha256(b"\0".join((cookie, authorization, method, host, target))).digest()
             hit = self._cache.get(key)
             if hit is not None and hit[0] > trio.current_time():
                 return hit[1]
@@ -101,38 +108,62 @@ class ForwardAuth:
             self._cache.popitem(last=False)
 
     async def _ask(self, request: Headers) -> Decision:
+        """One GET to the auth service; a pooled connection that turns out dead
+        before any response byte is retried once on a fresh one (an idle
+        keep-alive connection the service closed is not its answer)."""
         conn = self._pool.checkout(self._origin)
-        try:
+        for attempt in (1, 2):
             if conn is None:
-                conn = await open_connection(self._origin)
-            decision, reusable = await self._exchange(conn, request)
-        except (OSError, StreamBroken, h11.ProtocolError):
-            if conn is not None:
+                try:
+                    conn = await open_connection(self._origin)
+                except (OSError, StreamBroken):
+                    return UNDECIDED
+            try:
+                decision, reusable = await self._exchange(conn, request)
+            except _Stale:
                 conn.close()
-            return UNDECIDED
-        except BaseException:
-            if conn is not None:
+                conn = None
+                if attempt == 1:
+                    continue
+                return UNDECIDED
+            except (OSError, StreamBroken, h11.ProtocolError):
                 conn.close()
-            raise
-        if reusable:
-            self._pool.checkin(conn)
-        else:
-            conn.close()
-        return decision
+                return UNDECIDED
+            except BaseException:
+                conn.close()
+                raise
+            if reusable:
+                self._pool.checkin(conn)
+            else:
+                conn.close()
+            return decision
+        return UNDECIDED
 
     async def _exchange(self, conn: UpstreamConnection, request: Headers) -> tuple[Decision, bool]:
         h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_AUTH_RESPONSE_BYTES)
         data = h.send(h11.Request(method=b"GET", target=self._target, headers=request))
         data += h.send(h11.EndOfMessage())
-        await conn.stream.send_all(data)
+        try:
+            await conn.stream.send_all(data)
+        except StreamBroken:
+            if conn.uses:
+                raise _Stale from None
+            raise
         buf = bytearray(4096)
         status = 0
         identity: list[tuple[bytes, bytes]] = []
         body = 0
+        got = 0
         while True:
             event = h.next_event()
             if event is h11.NEED_DATA:
-                n = await conn.stream.recv_into(buf, len(buf))
+                try:
+                    n = await conn.stream.recv_into(buf, len(buf))
+                except StreamBroken:
+                    n = 0
+                if not n and not got and conn.uses:
+                    raise _Stale
+                got += n
                 h.receive_data(bytes(buf[:n]))
                 continue
             if isinstance(event, h11.Response):

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Final, Literal
 
 from .errors import BadRequest, UpstreamProtocolError
@@ -21,6 +22,7 @@ __all__ = [
     "Framing",
     "Headers",
     "connection_tokens",
+    "reason_phrase",
     "request_framing",
     "request_id_from",
     "response_framing",
@@ -147,6 +149,14 @@ def request_id_from(headers: Headers) -> str:
     return os.urandom(12).hex()
 
 
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase (``b"Client Closed Request"`` for nginx's 499)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Client Closed Request" if status == 499 else b""
+
+
 def serialize_head(start_line: bytes, headers: Headers) -> bytes:
     """``start_line`` plus header lines plus the blank line, as one bytes object."""
     parts = [start_line]
@@ -171,11 +181,11 @@ def upstream_request_headers(
 
     ``client`` keeps its original name casing. Hop-by-hop headers, headers
     named in ``Connection``, the headers the proxy owns, and the names in
-    ``drop`` (lower case; also matched in their ``_`` spelling, so
-    ``X_Authenticated_User`` can't pass for ``X-Authenticated-User``) are
-    dropped; the proxy's own and ``extra`` are appended after. X-Forwarded-For
-    keeps the client's chain (unless ``Connection`` named it) and appends the
-    peer address.
+    ``drop`` (lower case) are dropped, each also in its ``_`` spelling (so
+    ``X_Authenticated_User`` can't pass for ``X-Authenticated-User``); the
+    proxy's own and ``extra`` are appended after. X-Forwarded-For keeps the
+    client's chain (unless ``Connection`` named it) and appends the peer
+    address.
     """
     dropped = connection_tokens(client) | HOP_BY_HOP | drop
     out: Headers = []
@@ -183,7 +193,10 @@ def upstream_request_headers(
     forwarded_host = b""
     for name, value in client:
         lname = name.lower()
-        if lname in dropped or (b"_" in lname and lname.replace(b"_", b"-") in dropped):
+        if b"_" in lname:
+            # Many frameworks read X_Foo and X-Foo as the same header: treat them so.
+            lname = lname.replace(b"_", b"-")
+        if lname in dropped:
             continue
         if lname in PROXY_OWNED_REQUEST:
             if lname == b"x-forwarded-for":

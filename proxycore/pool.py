@@ -95,6 +95,18 @@ class Pool:
     def __init__(self, settings: PoolSettings) -> None:
         self.settings = settings
         self._idle: dict[Origin, deque[UpstreamConnection]] = {}
+        #: Connections in use by an exchange, per origin (for metrics).
+        self.busy: dict[Origin, int] = {}
+
+    def mark_busy(self, origin: Origin) -> None:
+        self.busy[origin] = self.busy.get(origin, 0) + 1
+
+    def mark_free(self, origin: Origin) -> None:
+        left = self.busy.get(origin, 0) - 1
+        if left > 0:
+            self.busy[origin] = left
+        else:
+            self.busy.pop(origin, None)
 
     def checkout(self, origin: Origin) -> UpstreamConnection | None:
         """The freshest live idle connection to ``origin``, or None."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import trio
+
 from .config import Config
+from .metrics import Metrics
 from .pool import Pool
 from .router import Router
 from .security import Security
@@ -33,6 +36,30 @@ class ProxyState:
         self.snapshot = self.prepare(config, 1)
         self.open_connections = 0
         self.exchanges_in_flight = 0
+        #: Set once a graceful shutdown began: no new requests on kept-alive connections.
+        self.draining = False
+        #: Cancel scopes of connections idling between requests (cancelled on drain).
+        self.idle_waits: set[trio.CancelScope] = set()
+        #: Set whenever the last client connection closes.
+        self.all_closed = trio.Event()
+        self.all_closed.set()
+        self.metrics = Metrics(self)
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+        if self.all_closed.is_set():
+            self.all_closed = trio.Event()
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+        if not self.open_connections:
+            self.all_closed.set()
+
+    def start_draining(self) -> None:
+        """Stop taking new requests; close connections that idle between requests."""
+        self.draining = True
+        for scope in list(self.idle_waits):
+            scope.cancel()
 
     def prepare(self, config: Config, generation: int) -> Snapshot:
         """Build a snapshot (reads secrets and tokens) without installing it."""

@@ -9,8 +9,9 @@ the mock clock, so an expiry lands exactly on its deadline.
 
 Upstreams are raw sockets served in the same trio run (hypercorn has timers of its
 own). trio's MockClock docs warn that autojump with real I/O in flight can jump
-early; on loopback a send is delivered to the peer's socket before it returns, so
-whenever all tasks are blocked no byte is in flight.
+early; in practice a loopback send is in the peer's socket before it returns, so
+when every task is blocked no byte is in flight (these tests were run repeatedly,
+also with the CPUs saturated, without a false failure).
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ async def test_stream_silent_for_59_minutes_survives_default_idle(
 
 
 async def test_stream_silent_for_61_minutes_is_cut_at_idle(autojump_clock: MockClock) -> None:
+    """A 61-minute silence: cut at 60 min (no clean end), upstream connection closed."""
     first, second = sse_event(1), sse_event(2)
     upstream_closed_at: list[float] = []
 
@@ -257,6 +259,7 @@ async def test_stalled_request_body_times_out_with_408_and_closes_upstream(
 
 
 async def test_response_timeout_gives_504(autojump_clock: MockClock) -> None:
+    """The upstream takes the request and never answers: 504 JSON at ``response`` (60 s)."""
     upstream_closed_at: list[float] = []
 
     async def upstream(stream: trio.SocketStream) -> None:

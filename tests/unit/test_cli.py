@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import proxycore.cli
 import proxycore.server
 from proxycore.cli import EXIT_CONFIG, main
 
@@ -103,10 +104,10 @@ def no_serving(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Replace the server so a wrongly accepted config fails the test instead of serving."""
     calls: list[object] = []
 
-    async def fake_serve(config: object) -> None:
-        calls.append(config)
+    async def fake_run(server: proxycore.server.Server, *args: object) -> None:
+        calls.append(server.config)
 
-    monkeypatch.setattr(proxycore.server, "serve", fake_serve)
+    monkeypatch.setattr(proxycore.cli, "_run_process", fake_run)
     return calls
 
 

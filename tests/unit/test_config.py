@@ -653,14 +653,15 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
     [
         (
             "rout = 1\n" + ROUTE,
-            "rout: unknown key (known: server, timeouts, pool, inbound, routes); "
+            "rout: unknown key (known: server, timeouts, pool, inbound, admin, routes); "
             "did you mean 'routes'?",
         ),
         (
             "[server]\nmax_conections = 5\n" + ROUTE,
             "server.max_conections: unknown key (known: "
             "listen, max_connections, max_header_bytes, max_header_count, header_timeout, "
-            "keepalive_timeout, allow_public); did you mean 'max_connections'?",
+            "keepalive_timeout, allow_public, shutdown_grace, workers); "
+            "did you mean 'max_connections'?",
         ),
         (
             "[timeouts]\nconect = 5\n" + ROUTE,
