@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class ExchangeRecord:
         return json.dumps(
             {
                 "time": round(time.time(), 6),
+                "pid": os.getpid(),
                 "request_id": self.request_id,
                 "client": self.client,
                 "method": self.method,
