@@ -36,7 +36,6 @@ ARG SOURCE_URL=unknown
 LABEL org.opencontainers.image.title="proxycore" \
       org.opencontainers.image.description="Trio + h11 streaming reverse proxy for LLM APIs, SSE chat backends and MCP servers" \
       org.opencontainers.image.licenses="MIT" \
-      org.opencontainers.image.documentation="docs/deploy.md" \
       org.opencontainers.image.source="${SOURCE_URL}" \
       org.opencontainers.image.revision="${VCS_REF}"
 
