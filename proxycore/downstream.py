@@ -97,7 +97,6 @@ class ClientConnection:
         limit = server.max_header_bytes
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
         data, self.pending = self.pending, b""
-        fed = 0
         # The first head must be complete header_timeout after the connection opened;
         # later ones header_timeout after their first byte (keepalive_timeout until then).
         now = trio.current_time()
@@ -119,30 +118,21 @@ class ClientConnection:
                 deadline = trio.current_time() + server.header_timeout
         received: list[bytes] = []
         try:
-            with trio.fail_at(deadline):
-                while True:
-                    h.receive_data(data)
-                    received.append(data)
-                    fed += len(data)
-                    try:
-                        event = h.next_event()
-                    except h11.RemoteProtocolError as exc:
-                        if exc.error_status_hint == 431:
-                            raise HeadTooLarge("request head too large") from None
-                        raise BadRequest("malformed request head") from None
-                    if isinstance(event, h11.Request):
-                        break
-                    if fed > limit:
-                        raise HeadTooLarge("request head too large")
-                    data = await self._recv()
-                    if not data:
-                        return None  # closed mid-head
+            event = self._feed(h, data, received, limit)
+            if event is None:  # the head spans reads: only then is a timer needed
+                with trio.fail_at(deadline):
+                    while event is None:
+                        data = await self._recv()
+                        if not data:
+                            return None  # closed mid-head
+                        event = self._feed(h, data, received, limit)
         except trio.TooSlowError:
             await self._refuse(DownstreamTimeout("request head not received in time"))
             return None
         except DownstreamError as exc:
             await self._refuse(exc)
             return None
+        fed = sum(map(len, received))
         trailing = h.trailing_data[0]
         try:
             if fed - len(trailing) > limit:
@@ -159,6 +149,25 @@ class ClientConnection:
             return None
         self.pending = trailing
         return event
+
+    @staticmethod
+    def _feed(
+        h: h11.Connection, data: bytes, received: list[bytes], limit: int
+    ) -> h11.Request | None:
+        """Give ``data`` to h11: the request if its head is complete, else None."""
+        h.receive_data(data)
+        received.append(data)
+        try:
+            event = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                raise HeadTooLarge("request head too large") from None
+            raise BadRequest("malformed request head") from None
+        if isinstance(event, h11.Request):
+            return event
+        if sum(map(len, received)) > limit:
+            raise HeadTooLarge("request head too large")
+        return None
 
     async def _linger(self) -> None:
         """Close in two steps after an error reply (RFC 9112 section 9.6).
