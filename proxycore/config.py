@@ -53,6 +53,7 @@ __all__ = [
     "ServerSettings",
     "Timeouts",
     "Upstream",
+    "WebSocketSettings",
 ]
 
 # --------------------------------------------------------------------------- dataclasses
@@ -200,6 +201,24 @@ class Inbound:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    """WebSocket relay settings of a ``websocket = true`` route (seconds; 0 = off)."""
+
+    max_message_bytes: int = 16 * 1024 * 1024
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    max_lifetime: float = 0.0
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        _integer(p, self, "max_message_bytes", 1)
+        _number(p, self, "ping_interval", zero_ok=True)
+        _number(p, self, "ping_timeout", zero_ok=False)
+        _number(p, self, "max_lifetime", zero_ok=True)
+        p.check()
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Forward requests whose path starts with ``prefix`` to ``upstream``.
 
@@ -222,6 +241,8 @@ class Route:
     deny_paths: tuple[str, ...] = ()
     max_body_bytes: int | None = None
     rate_limit: RateLimit | None = None
+    websocket: bool = False
+    ws: WebSocketSettings = WebSocketSettings()
     target: Upstream = field(init=False)
 
     def __post_init__(self) -> None:
@@ -264,6 +285,8 @@ class Route:
         if max_body is not None and max_body < 0:
             p.add("max_body_bytes", f"must be >= 0, got {max_body}")
         _instance(p, self, "rate_limit", RateLimit, optional=True)
+        _typed(p, self, "websocket", bool)
+        _instance(p, self, "ws", WebSocketSettings)
         p.check()
         if not self.name:
             object.__setattr__(self, "name", self.prefix)
@@ -555,6 +578,12 @@ def _route_from_table(
         if isinstance(inject, Mapping) and isinstance(inject.get("token_file"), str):
             inject = {**inject, "token_file": os.path.join(base_dir, inject["token_file"])}
         table["inject"] = _build(p, Inject, inject, f"{path}.inject")
+    if "ws" in table:
+        ws = _build(p, WebSocketSettings, table["ws"], f"{path}.ws")
+        if ws is None:
+            del table["ws"]  # its problems are recorded; don't report the type too
+        else:
+            table["ws"] = ws
     if "rate_limit" in table:
         table["rate_limit"] = _build(p, RateLimit, table["rate_limit"], f"{path}.rate_limit")
     ca_file = table.get("ca_file")

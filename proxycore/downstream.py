@@ -66,6 +66,8 @@ class ClientConnection:
         self.pending = b""
         #: Set when a reply was sent with unread client bytes possibly left: close gently.
         self.linger = False
+        self._raw_head = b""
+        self._head_len = 0
 
     async def serve(self) -> None:
         """Answer requests until the client closes, errs or idles out.
@@ -148,6 +150,7 @@ class ClientConnection:
             await self._refuse(exc, event.method)
             return None
         self.pending = trailing
+        self._raw_head, self._head_len = raw, fed - len(trailing)
         return event
 
     @staticmethod
@@ -232,6 +235,11 @@ class ClientConnection:
         head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (exc.status, reason), headers)
         with contextlib.suppress(StreamBroken):
             await self.stream.send_all(head if method == b"HEAD" else head + body)
+
+    @property
+    def raw_head(self) -> bytes:
+        """The current request's head exactly as received (for protocol upgrades)."""
+        return self._raw_head[: self._head_len]
 
     async def wait_closed(self) -> bool:
         """Wait until the client closes (True) or sends more bytes (False).

@@ -676,7 +676,8 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
             ROUTE + "upstrem = 'x'\n",
             "routes[0].upstrem: unknown key (known: prefix, upstream, "
             "strip_prefix, preserve_host, accept_encoding, ca_file, timeouts, inject, name, "
-            "inbound, deny_git_push, methods, deny_paths, max_body_bytes, rate_limit); "
+            "inbound, deny_git_push, methods, deny_paths, max_body_bytes, rate_limit, websocket, "
+            "ws); "
             "did you mean 'upstream'?",
         ),
         (ROUTE + "target = 'x'\n", "routes[0].target: unknown key"),

@@ -1,0 +1,1 @@
+"""Peer proxies the bench compares proxycore with (besides nginx, which is configured)."""

@@ -1,0 +1,385 @@
+"""``python -m bench``: start the upstream and every scenario, run the workloads
+interleaved, write ``<out>/<UTC stamp>.json``, ``.md`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psutil
+
+from bench.env import Pinning, StealMeter, environment
+from bench.measure import MeasureError, Meter
+from bench.procs import Child, StartError
+from bench.report import render_chart, render_markdown
+from bench.scenarios import (
+    REPO_ROOT,
+    SCENARIOS,
+    Running,
+    StartContext,
+    child_env,
+    find_nginx,
+    find_wrk,
+    start_scenario,
+    start_upstream,
+    unavailable_reason,
+)
+from bench.workloads import SIZES, WORKLOADS, Case, Measurement, Sizes, build_cases
+
+__all__ = ["main"]
+
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+_MEASURE_ERRORS = (MeasureError, StartError, OSError, ValueError, KeyError, psutil.Error)
+
+
+def _csv(allowed: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+        unknown = [x for x in items if x not in allowed]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(allowed)}"
+            )
+        return items
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark proxycore against direct, nginx and FastAPI+httpx, side by side.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="short run (< 2 min): no 10k streams, 64 MiB reader"
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the smallest sizes, for the CI smoke test (overrides --quick); < 1 min",
+    )
+    p.add_argument(
+        "--scenarios",
+        type=_csv(SCENARIOS, "scenario"),
+        default=SCENARIOS,
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)",
+    )
+    p.add_argument(
+        "--workloads",
+        type=_csv(WORKLOADS, "workload"),
+        default=WORKLOADS,
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="repeat every workload N times")
+    p.add_argument("--duration", type=float, help="seconds for the small-request rps rows")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the results")
+    p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument("--no-wrk", action="store_true", help="skip the wrk rows")
+    p.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the logs and configs")
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 if any scenario or measurement failed"
+    )
+    return p
+
+
+def _sizes(args: argparse.Namespace) -> Sizes:
+    sizes = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
+    if args.duration is not None:
+        sizes = replace(sizes, small_duration=args.duration)
+    return sizes
+
+
+def _log(t0: float, message: str) -> None:
+    print(f"[{time.monotonic() - t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of every figure over the rounds that succeeded."""
+    ok = [r for r in rounds if r["status"] == "ok"]
+    if not ok:
+        return {"status": rounds[0]["status"] if rounds else "failed: not run", "metrics": {}}
+    keys = list(dict.fromkeys(k for r in ok for k in r["metrics"]))
+    metrics: dict[str, float | None] = {}
+    for key in keys:
+        values = [r["metrics"][key] for r in ok if r["metrics"].get(key) is not None]
+        metrics[key] = statistics.median(values) if values else None
+    steals = [r["steal_pct"] for r in ok if r.get("steal_pct") is not None]
+    last = ok[-1]
+    return {
+        "status": "ok",
+        "metrics": metrics,
+        "steal_pct": max(steals) if steals else None,
+        "dist": last.get("dist", {}),
+        "loadgen": last.get("loadgen", {}),
+    }
+
+
+def _add_relative(case: Case, round_results: dict[str, dict[str, Any]]) -> None:
+    direct = round_results.get("direct")
+    if not case.relative_to_direct or direct is None or direct["status"] != "ok":
+        return
+    for entry in round_results.values():
+        if entry["status"] != "ok":
+            continue
+        for derived, base in case.relative_to_direct:
+            value, ref = entry["metrics"].get(base), direct["metrics"].get(base)
+            entry["metrics"][derived] = (
+                value - ref if value is not None and ref is not None else None
+            )
+
+
+class _Run:
+    """The state of one invocation: processes, results, and the clean-up of both."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizes = _sizes(args)
+        self.names: tuple[str, ...] = args.scenarios
+        self.t0 = time.monotonic()
+        self.pinning = Pinning.detect(enabled=not args.no_pin)
+        self.wrk = None if args.no_wrk else find_wrk()
+        self.tmp = Path(tempfile.mkdtemp(prefix="proxycore-bench-"))
+        self.upstream: Child | None = None
+        self.running: dict[str, Running] = {}
+        self.status: dict[str, str] = {}
+        self.description: dict[str, str] = {}
+        self.rounds: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self.notes: list[str] = []
+
+    def log(self, message: str) -> None:
+        _log(self.t0, message)
+
+    def start(self) -> int:
+        self.log(f"upstream (pinning: {self.pinning.note})")
+        self.upstream, port = start_upstream(self.tmp, self.pinning)
+        ctx = StartContext(port, self.tmp, self.pinning)
+        for name in self.names:
+            reason = unavailable_reason(name)
+            if reason is not None:
+                self.status[name] = f"skipped: {reason}"
+                self.log(f"{name}: {self.status[name]}")
+                continue
+            try:
+                self.running[name] = start_scenario(ctx, name)
+            except (StartError, OSError) as exc:
+                self.status[name] = f"failed: {_short(exc)}"
+            else:
+                self.status[name] = "ok"
+                self.description[name] = self.running[name].description
+            self.log(f"{name}: {self.status[name]}")
+        return port
+
+    def measure(self, case: Case, name: str, meter: Meter) -> dict[str, Any]:
+        if case.skip:
+            return {"status": f"skipped: {case.skip}", "metrics": {}}
+        target = self.running.get(name)
+        if target is None:
+            return {"status": self.status[name], "metrics": {}}
+        try:
+            if self.upstream is not None and not self.upstream.alive():
+                raise MeasureError(f"the upstream died: {self.upstream.describe_exit()}")
+            target.check_alive()
+            m: Measurement = case.run(meter, target)
+        except _MEASURE_ERRORS as exc:
+            entry = {"status": f"failed: {_short(exc)}", "metrics": {}}
+            if target.child is not None and not target.child.alive():
+                self.status[name] = f"failed: died during {case.id}: {_short(exc)}"
+                target.stop()
+                del self.running[name]
+            return entry
+        return {
+            "status": "ok",
+            "metrics": m.metrics,
+            "steal_pct": m.steal_pct,
+            "dist": m.dist,
+            "loadgen": m.loadgen,
+        }
+
+    def run_cases(self, upstream_pid: int, upstream_port: int) -> list[Case]:
+        meter = Meter(self.pinning, self.tmp, env=child_env(), wrk=self.wrk)
+        cases = build_cases(
+            self.sizes,
+            upstream_pid=upstream_pid,
+            upstream_port=upstream_port,
+            wrk=self.wrk is not None,
+            workloads=self.args.workloads,
+        )
+        for rnd in range(self.args.rounds):
+            for case in cases:
+                this_round: dict[str, dict[str, Any]] = {}
+                for name in self.names:
+                    entry = self.measure(case, name, meter)
+                    this_round[name] = entry
+                    if not case.skip:
+                        self.log(f"round {rnd + 1} {case.id} {name}: {entry['status']}")
+                _add_relative(case, this_round)
+                for name, entry in this_round.items():
+                    self.rounds.setdefault(case.id, {}).setdefault(name, []).append(entry)
+        return cases
+
+    def stop(self) -> None:
+        for target in self.running.values():
+            target.stop()
+        self.running.clear()
+        if self.upstream is not None:
+            self.upstream.stop()
+        if self.args.keep_tmp:
+            print(f"logs and configs kept in {self.tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def document(
+        self, cases: list[Case], started: dt.datetime, steal_pct: float | None
+    ) -> dict[str, Any]:
+        workloads: dict[str, dict[str, Any]] = {w: {} for w in self.args.workloads}
+        for case in cases:
+            per_scenario = self.rounds.get(case.id, {})
+            workloads[case.workload][case.key] = {
+                "title": case.title,
+                "note": case.note,
+                "skip": case.skip,
+                "metrics": [asdict(m) for m in case.metrics],
+                "scenarios": {
+                    name: {
+                        **_aggregate(per_scenario.get(name, [])),
+                        "rounds": [
+                            {k: r.get(k) for k in ("status", "metrics", "steal_pct")}
+                            for r in per_scenario.get(name, [])
+                        ],
+                    }
+                    for name in self.names
+                },
+            }
+        env = environment(self.pinning, find_nginx(), self.wrk)
+        if self.pinning.method == "none":
+            self.notes.append(f"Not pinned: {self.pinning.note}.")
+        if self.wrk is None:
+            self.notes.append(
+                "wrk not found (or --no-wrk): only the Python load generator measured rps, and "
+                "it may saturate before a fast proxy does."
+            )
+        self.notes += [
+            "The Python load generator (proxycore.loadgen, one process) shares a core with "
+            "the hypercorn upstream: `direct` is the ceiling of every rps row, and a fast "
+            "proxy can look no faster than the generator.",
+            "proxycore runs with its defaults (`serve --upstream`): 32 idle upstream "
+            "connections per origin, max_connections 10,000; nginx keeps 64.",
+        ]
+        return {
+            "schema": 1,
+            "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "mode": self.sizes.name,
+            "rounds": self.args.rounds,
+            "duration_s": time.monotonic() - self.t0,
+            "argv": sys.argv[1:],
+            "sizes": asdict(self.sizes),
+            "environment": env,
+            "steal_pct": steal_pct,
+            "skipped": list(self.sizes.skipped),
+            "scenarios": {
+                name: {
+                    "status": self.status.get(name, "failed: not started"),
+                    "description": self.description.get(name, ""),
+                }
+                for name in self.names
+            },
+            "workloads": workloads,
+            "notes": self.notes,
+        }
+
+
+def _failures(doc: dict[str, Any]) -> list[str]:
+    out = [
+        f"{n}: {s['status']}"
+        for n, s in doc["scenarios"].items()
+        if s["status"].startswith("failed")
+    ]
+    for workload, cases in doc["workloads"].items():
+        for key, case in cases.items():
+            for name, entry in case["scenarios"].items():
+                if entry["status"].startswith("failed"):
+                    out.append(f"{workload}/{key} {name}: {entry['status']}")
+    return out
+
+
+def _print_markdown(markdown: str) -> None:
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.markdown import Markdown
+        except ImportError:
+            pass
+        else:
+            Console().print(Markdown(markdown))
+            return
+    print(markdown, end="", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.rounds < 1:
+        print("--rounds must be at least 1", file=sys.stderr)
+        return 2
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    started = dt.datetime.now(dt.UTC)
+    run = _Run(args)
+    run.pinning.pin_self()
+    steal = StealMeter()
+    steal.start()
+    cases: list[Case] = []
+    try:
+        try:
+            port = run.start()
+        except (StartError, OSError) as exc:
+            print(f"bench: the upstream did not start: {_short(exc, 1000)}", file=sys.stderr)
+            return 2
+        assert run.upstream is not None
+        cases = run.run_cases(run.upstream.pid, port)
+    finally:
+        run.stop()
+        signal.signal(signal.SIGTERM, previous)
+    doc = run.document(cases, started, steal.stop())
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / started.strftime("%Y%m%dT%H%M%SZ")
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    if not args.no_chart:
+        problem = render_chart(doc, stem.with_suffix(".png"))
+        if problem:
+            doc["notes"].append(problem)
+        else:
+            doc["chart"] = stem.with_suffix(".png").name
+        json_path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    markdown = render_markdown(doc)
+    stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
+    _print_markdown(markdown)
+    print(f"wrote {json_path} (+ .md{'' if args.no_chart else ', .png'})", file=sys.stderr)
+    failures = _failures(doc)
+    if failures and args.strict:
+        print("failures:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
