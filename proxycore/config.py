@@ -50,6 +50,7 @@ __all__ = [
     "PoolSettings",
     "RateLimit",
     "Route",
+    "SSESettings",
     "ServerSettings",
     "Timeouts",
     "Upstream",
@@ -201,6 +202,32 @@ class Inbound:
 
 
 @dataclass(frozen=True, slots=True)
+class SSESettings:
+    """SSE features of a route: ``heartbeat`` seconds of client silence before a comment line
+    (0 = off), in-band ``errors`` for clients that accept ``text/event-stream``, and a JSON-lines
+    ``transcript`` file of every stream (``transcript_max_bytes`` of event data kept each)."""
+
+    heartbeat: float = 0.0
+    errors: bool = False
+    transcript: str | None = None
+    transcript_max_bytes: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        _number(p, self, "heartbeat", zero_ok=True)
+        _typed(p, self, "errors", bool)
+        transcript = _typed(p, self, "transcript", str, optional=True)
+        if transcript == "":
+            p.add("transcript", "must be a non-empty file path")
+        _integer(p, self, "transcript_max_bytes", 1024)
+        p.check()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.heartbeat or self.errors or self.transcript)
+
+
+@dataclass(frozen=True, slots=True)
 class WebSocketSettings:
     """WebSocket relay settings of a ``websocket = true`` route (seconds; 0 = off)."""
 
@@ -243,6 +270,7 @@ class Route:
     rate_limit: RateLimit | None = None
     websocket: bool = False
     ws: WebSocketSettings = WebSocketSettings()
+    sse: SSESettings = SSESettings()
     target: Upstream = field(init=False)
 
     def __post_init__(self) -> None:
@@ -287,6 +315,7 @@ class Route:
         _instance(p, self, "rate_limit", RateLimit, optional=True)
         _typed(p, self, "websocket", bool)
         _instance(p, self, "ws", WebSocketSettings)
+        _instance(p, self, "sse", SSESettings)
         p.check()
         if not self.name:
             object.__setattr__(self, "name", self.prefix)
@@ -578,6 +607,19 @@ def _route_from_table(
         if isinstance(inject, Mapping) and isinstance(inject.get("token_file"), str):
             inject = {**inject, "token_file": os.path.join(base_dir, inject["token_file"])}
         table["inject"] = _build(p, Inject, inject, f"{path}.inject")
+    if "sse" in table:
+        sse = table["sse"]
+        if (
+            isinstance(sse, Mapping)
+            and isinstance(sse.get("transcript"), str)
+            and sse["transcript"]
+        ):
+            sse = {**sse, "transcript": os.path.join(base_dir, sse["transcript"])}
+        built = _build(p, SSESettings, sse, f"{path}.sse")
+        if built is None:
+            del table["sse"]
+        else:
+            table["sse"] = built
     if "ws" in table:
         ws = _build(p, WebSocketSettings, table["ws"], f"{path}.ws")
         if ws is None:

@@ -108,6 +108,8 @@ class Server:
         if problem:
             raise ConfigError(problem)
         self.config = config
+        #: The config the listeners were bound with (address changes need a restart).
+        self._bound = config
         self.state = ProxyState(config)
         self.reuse_port = reuse_port
         self.adjust = adjust
@@ -133,11 +135,11 @@ class Server:
             return False
         finally:
             self.state.metrics.reloads.labels(outcome).inc()
-        old = self.config
-        if config.server.listen != old.server.listen or config.admin != old.admin:
+        bound = self._bound
+        if config.server.listen != bound.server.listen or config.admin != bound.admin:
             log.warning(
                 "reload: listen/admin address changes need a restart; still on %s",
-                ", ".join(old.server.listen),
+                ", ".join(bound.server.listen),
             )
         self.config = config
         log.info("reloaded config (generation %d)", snapshot.generation)

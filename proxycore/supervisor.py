@@ -96,6 +96,7 @@ class _Supervisor:
             self.base_cmd.append("--no-access-log")
         self.workers = [_Worker(slot) for slot in range(count)]
         self.stopping = False
+        self.forced = False
 
     def signal_all(self, signum: int) -> None:
         for worker in self.workers:
@@ -112,6 +113,8 @@ class _Supervisor:
             finally:
                 os.close(write_fd)
             worker.process = process
+            if self.is_stopping():  # the stop signal came while this worker was starting
+                process.send_signal(signal.SIGKILL if self.forced else signal.SIGTERM)
             started = trio.current_time()
             async with trio.lowlevel.FdStream(read_fd) as report:
                 with trio.move_on_after(READY_TIMEOUT_S):
@@ -215,6 +218,7 @@ async def _supervise(sup: _Supervisor) -> None:
                         sup.signal_all(signal.SIGHUP)
                     elif sup.stopping:
                         log.warning("second signal: killing the workers")
+                        sup.forced = True
                         sup.signal_all(signal.SIGKILL)
                     else:
                         log.info("%s: stopping the workers", signal.Signals(signum).name)

@@ -677,7 +677,7 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
             "routes[0].upstrem: unknown key (known: prefix, upstream, "
             "strip_prefix, preserve_host, accept_encoding, ca_file, timeouts, inject, name, "
             "inbound, deny_git_push, methods, deny_paths, max_body_bytes, rate_limit, websocket, "
-            "ws); "
+            "ws, sse); "
             "did you mean 'upstream'?",
         ),
         (ROUTE + "target = 'x'\n", "routes[0].target: unknown key"),
