@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import trio
 
+from . import loadtest_cli
 from .accesslog import configure_logging
 from .config import AdminSettings, Config, ConfigError, Route, ServerSettings
 from .secrets import SecretError, check_secret, generate_secret
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--force", action="store_true", help="replace an existing file")
     check_secret = secret_sub.add_parser("check", help="report a secret file's length and mode")
     check_secret.add_argument("file", metavar="FILE")
+
+    loadtest = sub.add_parser(
+        "loadtest", help="load-test any HTTP/1.1 server (latency to first byte, SSE delay)"
+    )
+    loadtest_cli.add_arguments(loadtest)
 
     demo = sub.add_parser("demo", help="run a built-in LLM-like upstream behind the proxy")
     demo.add_argument("--requests", type=int, default=3, help="streamed requests to send")
@@ -210,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_secret(args)
     if args.command == "reload":
         return _cmd_reload(args)
+    if args.command == "loadtest":
+        return loadtest_cli.run(args)
     if args.command == "check":
         return _cmd_check(args)
     if args.command == "serve":

@@ -36,6 +36,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamProtocolError",
     "UpstreamReset",
+    "UpstreamStatus",
     "UpstreamTimeout",
     "error_body",
 ]
@@ -122,6 +123,18 @@ class UpstreamProtocolError(UpstreamError):
     type = "upstream_protocol_error"
     outcome = "upstream_protocol_error"
     kind = "protocol"
+
+
+class UpstreamStatus(UpstreamError):
+    """The upstream answered with an error status (reported in-band on SSE routes)."""
+
+    type = "upstream_error_status"
+    outcome = "upstream_error_status"
+    kind = "status"
+
+    def __init__(self, message: str, *, upstream_status: int) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
 
 
 class UpstreamTimeout(UpstreamError):

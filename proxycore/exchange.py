@@ -23,20 +23,24 @@ complete one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+import logging
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import h11
 import trio
 
 from .accesslog import ExchangeRecord, log_exchange
 from .chunked import ChunkedError, ChunkedScanner, encode_chunk_header
-from .config import Timeouts
+from .config import Route, Timeouts
 from .errors import (
     BadRequest,
     ClientGone,
     DownstreamError,
     DownstreamTimeout,
     ExpectationFailed,
+    InternalError,
     NoRoute,
     PayloadTooLarge,
     ProxyError,
@@ -45,6 +49,7 @@ from .errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamReset,
+    UpstreamStatus,
     UpstreamTimeout,
 )
 from .headers import (
@@ -62,6 +67,8 @@ from .headers import (
     serialize_head,
     upstream_request_headers,
 )
+from .hooks import ExchangeInfo, Hooks, Summary
+from .hooks import Request as HookRequest
 from .pipe import (
     CHUNK,
     BodyTooLarge,
@@ -76,6 +83,8 @@ from .pipe import (
 )
 from .pool import Origin, UpstreamConnection, open_connection
 from .router import Match, check_target
+from .sse import SSEEvent, SSEParser, error_event, is_event_stream
+from .sse_relay import SSERelay
 from .stream import StreamBroken, TLSStream
 
 if TYPE_CHECKING:
@@ -87,11 +96,41 @@ if TYPE_CHECKING:
 
 __all__ = ["Exchange"]
 
+T = TypeVar("T")
+log: Final = logging.getLogger("proxycore.exchange")
+
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+_TRANSCRIPT_OUTCOMES: Final = {
+    "complete": "complete",
+    "client_gone": "client_gone",
+    "upstream_timeout": "timeout",
+}
 MAX_INTERIM_RESPONSES: Final = 10
 #: How long a response head may take before the client is watched for EOF by a task.
 FAST_WAIT_S: Final = 0.005
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+def _is_sse(headers: Headers) -> bool:
+    return is_event_stream(next((v for n, v in headers if n.lower() == b"content-type"), None))
+
+
+def _add_sse_headers(headers: Headers) -> None:
+    """Tell every cache and proxy in between not to buffer or transform the stream."""
+    names = {n.lower() for n, _ in headers}
+    if b"cache-control" not in names:
+        headers.append((b"Cache-Control", b"no-cache, no-transform"))
+    if b"x-accel-buffering" not in names:
+        headers.append((b"X-Accel-Buffering", b"no"))
+
+
+def _pipe_error(exc: Exception, idle: float) -> UpstreamError:
+    if isinstance(exc, IdleTimeout):
+        return UpstreamTimeout(f"response body idle for {idle:g} s")
+    if isinstance(exc, FramingError):
+        return UpstreamProtocolError("malformed chunked body from upstream")
+    return UpstreamReset(f"upstream failed mid-body: {exc}")
 
 
 _PRIMES: dict[bytes, h11.Request] = {}
@@ -138,6 +177,18 @@ class Exchange:
         self.request_done = False
         self.close_client = not self.client_11
         self.side_error: ProxyError | None = None
+        self.route: Route | None = None
+        self.hooks: Hooks = client.state.hooks
+        self.info = ExchangeInfo(
+            request_id="",
+            route="",
+            method=self.record.method,
+            path="",
+            client=client.peer_ip,
+        )
+        self._wall_start = time.time()
+        self._tap: SSEParser | None = None
+        self._sse_errors = False
         self._remaining = 0
         self._scanner = ChunkedScanner()
         self._max_body: int | None = None
@@ -152,37 +203,49 @@ class Exchange:
     async def run(self) -> bool:
         rec = self.record
         rid = request_id_from(self.headers)
-        rec.request_id = rid
+        rec.request_id = self.info.request_id = rid
         self.request_id = rid.encode("ascii")
         state = self.client.state
         state.exchanges_in_flight += 1
         release: Callable[[], None] | None = None
         try:
             path, query = check_target(self.request.target)
-            rec.path = path.decode("latin-1")
+            rec.path = self.info.path = path.decode("latin-1")
             framing = request_framing(self.headers, self.request.http_version)
             self._split_body_start(framing)
             tokens = connection_tokens(self.headers)
             if b"close" in tokens:
                 self.close_client = True
-            if b"upgrade" in tokens and self._has(b"upgrade"):
-                raise BadRequest("protocol upgrades (WebSocket) are not enabled on this route")
+            upgrade = b"upgrade" in tokens and self._has(b"upgrade")
             expect_continue = self._expect_continue(framing)
             match = self.snapshot.router.match(path)
             if match is None:
                 raise NoRoute(f"no route for path {rec.path!r}")
             rec.route = match.route.name
+            self.route = match.route
+            self._sse_errors = match.route.sse.errors and self._accepts_event_stream()
             guard = self.snapshot.security.guard(match.route)
             admission = await guard.admit(
                 self.method, path, query, self.headers, self.client.peer_ip
             )
             release = admission.release
+            self.info.route, self.info.identity = rec.route, admission.identity
             limit = guard.max_body_bytes
             if limit is not None:
                 self._max_body = limit
                 size = framing.length if framing.kind == "length" else self._scanner.payload_bytes
                 if size > limit:
                     raise PayloadTooLarge(f"request body larger than {limit} bytes")
+            if upgrade:
+                if not match.route.websocket or not self._is_websocket_upgrade():
+                    raise BadRequest("protocol upgrades are not enabled on this route")
+                from .websocket import relay_websocket
+
+                self.close_client = True  # after a WebSocket session the connection is done
+                await relay_websocket(self, match, query, admission)
+                return not self.close_client
+            if self.hooks.on_request is not None and await self._on_request(path, query):
+                return not self.close_client
             await self._forward(match, query, framing, expect_continue, admission)
         except ProxyError as exc:
             await self._fail(exc)
@@ -193,7 +256,102 @@ class Exchange:
             rec.duration = trio.current_time() - rec.started
             log_exchange(rec)
             state.metrics.observe(rec)
+            if self._tap is not None and self.route is not None and self.route.sse.transcript:
+                self._write_transcript(self.route.sse.transcript)
+            if self.hooks.on_exchange_end is not None:
+                await self._on_exchange_end()
         return not self.close_client
+
+    # -- hooks, SSE tap ------------------------------------------------------
+
+    def _accepts_event_stream(self) -> bool:
+        return any(
+            n.lower() == b"accept" and b"text/event-stream" in v.lower() for n, v in self.headers
+        )
+
+    async def _call_hook(self, name: str, call: Awaitable[T]) -> T:
+        """Await a hook; its failure becomes a 500 (logged with the request id)."""
+        try:
+            return await call
+        except Exception:
+            log.exception("hook %s failed (request %s)", name, self.record.request_id)
+            raise InternalError(f"the {name} hook failed") from None
+
+    async def _on_request(self, path: bytes, query: bytes) -> bool:
+        """Run ``on_request``; True if it answered the client itself."""
+        assert self.hooks.on_request is not None
+        request = HookRequest(
+            exchange=self.info,
+            method=self.record.method,
+            path=path.decode("latin-1"),
+            query=query.decode("latin-1"),
+            headers=self.headers,
+            body=self.body_start if self.request_done else None,
+        )
+        answer = await self._call_hook("on_request", self.hooks.on_request(request))
+        self.headers = request.headers
+        if answer is None:
+            return False
+        self.record.status = answer.status
+        self.record.outcome = "answered_by_hook"
+        headers = [(n, v) for n, v in answer.headers if n.lower() not in _FRAMING_NAMES]
+        headers += [
+            (b"Content-Length", b"%d" % len(answer.body)),
+            (b"X-Request-ID", self.request_id),
+        ]
+        if not self.request_done:
+            self.close_client = True
+        if self.close_client:
+            headers.append((b"Connection", b"close"))
+        start = b"HTTP/1.1 %d %s\r\n" % (answer.status, reason_phrase(answer.status))
+        body = b"" if self.method == b"HEAD" else answer.body
+        await self._send_head(serialize_head(start, headers) + body)
+        self.record.bytes_out = len(body)
+        return True
+
+    async def _on_exchange_end(self) -> None:
+        assert self.hooks.on_exchange_end is not None
+        rec, tap = self.record, self._tap
+        summary = Summary(
+            status=rec.status,
+            outcome=rec.outcome,
+            bytes_in=rec.bytes_in,
+            bytes_out=rec.bytes_out,
+            ttfb=rec.ttfb,
+            duration=rec.duration,
+            events=None if tap is None else list(tap.events),
+            events_truncated=False if tap is None else tap.truncated,
+        )
+        try:
+            await self.hooks.on_exchange_end(self.info, summary)
+        except Exception:
+            log.exception("hook on_exchange_end failed (request %s)", rec.request_id)
+
+    def _write_transcript(self, path: str) -> None:
+        tap, rec = self._tap, self.record
+        assert tap is not None
+        outcome = _TRANSCRIPT_OUTCOMES.get(rec.outcome, "upstream_failed")
+        record: dict[str, object] = {
+            "request_id": rec.request_id,
+            "route": rec.route,
+            "identity": self.info.identity,
+            "method": rec.method,
+            "path": rec.path,
+            "started": self._wall_start,
+            "ttfb_ms": None if rec.ttfb is None else round(rec.ttfb * 1000, 3),
+            "duration_ms": round(rec.duration * 1000, 3),
+            "status": rec.status,
+            "events_count": tap.count,
+            "events": [event.as_dict() for event in tap.events],
+            "truncated": tap.truncated,
+            "outcome": outcome,
+        }
+        self.client.state.transcripts.submit(path, record)
+
+    def _is_websocket_upgrade(self) -> bool:
+        return self.method == b"GET" and any(
+            n.lower() == b"upgrade" and v.strip().lower() == b"websocket" for n, v in self.headers
+        )
 
     def _has(self, name: bytes) -> bool:
         return any(n.lower() == name for n, _ in self.headers)
@@ -511,6 +669,9 @@ class Exchange:
         status = response.status_code
         self.record.status = status
         up_headers: Headers = list(response.headers.raw_items())
+        if self.hooks.on_response_head is not None:
+            hook = self.hooks.on_response_head(self.info, status, up_headers)
+            await self._call_hook("on_response_head", hook)
         up_framing = response_framing(self.method, status, up_headers)
         reusable = response.http_version == b"1.1" and b"close" not in connection_tokens(up_headers)
         kind = up_framing.kind
@@ -527,6 +688,16 @@ class Exchange:
             reusable = False
         elif kind == "chunked" and any(n.lower() == b"content-length" for n, _ in up_headers):
             reusable = False  # Transfer-Encoding wins, but never trust this connection again
+        if self._sse_errors and not 200 <= status < 300:
+            raise UpstreamStatus(f"upstream answered {status}", upstream_status=status)
+        if kind != "none" and _is_sse(up_headers):
+            _add_sse_headers(up_headers)
+            route = self.route
+            if route is not None and (route.sse.enabled or self.hooks.on_sse_event is not None):
+                reason = response.reason or reason_phrase(status)
+                start = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+                ok = await self._relay_sse(conn, start, up_headers, up_framing, trailing, timeouts)
+                return reusable and ok
         headers = downstream_response_headers(
             up_headers,
             request_id=self.request_id,
@@ -592,6 +763,88 @@ class Exchange:
         self.record.bytes_out = len(first) + moved
         return not leftover
 
+    async def _relay_sse(
+        self,
+        conn: UpstreamConnection,
+        start: bytes,
+        up_headers: Headers,
+        up_framing: Framing,
+        trailing: bytes,
+        timeouts: Timeouts,
+    ) -> bool:
+        """Relay an SSE body with the route's SSE features; True if the upstream
+        connection ended cleanly (reusable as far as the body goes)."""
+        assert self.route is not None
+        sse = self.route.sse
+        if not self.client_11:
+            self.close_client = True
+        headers = downstream_response_headers(
+            up_headers,
+            request_id=self.request_id,
+            framing=CHUNKED if self.client_11 else UNTIL_CLOSE,
+            keep_length=False,
+            close=self.close_client,
+        )
+        await self._send_head(serialize_head(start, headers))
+        self._watch_client()
+        tap = self._tap = SSEParser(max_bytes=sse.transcript_max_bytes)
+        relay = SSERelay(
+            up=conn.stream,
+            down=self.client.stream,
+            buf=self.client.wbuf,
+            idle=timeouts.idle,
+            chunked_out=self.client_11,
+            parser=tap,
+            heartbeat=sse.heartbeat,
+            on_event=self._on_sse_event if self.hooks.on_sse_event is not None else None,
+        )
+        kind, length = up_framing.kind, up_framing.length
+        first = trailing[:length] if kind == "length" else trailing
+        try:
+            try:
+                await relay.run(first, kind, length)
+            except (SourceFailed, IdleTimeout, FramingError) as exc:
+                error = _pipe_error(exc, timeouts.idle)
+                if not self._sse_errors:
+                    raise error from None
+                self.record.outcome, self.record.error_kind = error.outcome, error.kind
+                event = error_event(error.status, error.message, self.record.request_id)
+                await relay.finish(event)
+                return False
+            await relay.finish()
+        except SinkFailed:
+            raise ClientGone("client went away during the response") from None
+        finally:
+            self.record.bytes_out = relay.moved
+        if kind == "chunked":
+            return not relay.leftover
+        return kind == "length" and len(trailing) <= length
+
+    async def _on_sse_event(self, event: SSEEvent) -> None:
+        assert self.hooks.on_sse_event is not None
+        try:
+            await self.hooks.on_sse_event(self.info, event)
+        except Exception:  # after the head: nothing to answer; log and go on
+            log.exception("hook on_sse_event failed (request %s)", self.record.request_id)
+
+    async def _send_sse_error(self, exc: ProxyError) -> None:
+        """Before the head: a 200 event stream holding only an ``error`` event."""
+        status = exc.upstream_status if isinstance(exc, UpstreamStatus) else exc.status
+        body = error_event(status, exc.message, self.record.request_id)
+        headers = [
+            (b"Content-Type", b"text/event-stream"),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"X-Request-ID", self.request_id),
+        ]
+        _add_sse_headers(headers)
+        if not self.request_done:
+            self.close_client = True
+        if self.close_client:
+            headers.append((b"Connection", b"close"))
+        self.record.status = 200
+        await self._send_head(serialize_head(b"HTTP/1.1 200 OK\r\n", headers) + body)
+        self.record.bytes_out = len(body)
+
     # -- client ------------------------------------------------------------
 
     async def _send_client(self, data: bytes) -> None:
@@ -615,6 +868,13 @@ class Exchange:
             if not self.head_sent:
                 rec.status = exc.status
             self.client.stream.close()
+            return
+        if self._sse_errors and isinstance(exc, UpstreamError):
+            try:
+                await self._send_sse_error(exc)
+            except ClientGone:
+                self.close_client = True
+                self.client.stream.close()
             return
         rec.status = exc.status
         if isinstance(exc, DownstreamError) or not self.request_done:

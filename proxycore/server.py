@@ -29,6 +29,7 @@ import trio
 from .admin import AdminApp, serve_admin
 from .config import Config, ConfigError
 from .downstream import ClientConnection
+from .hooks import Hooks
 from .secrets import SecretError
 from .security import exposure_problem
 from .state import ProxyState
@@ -98,6 +99,7 @@ class Server:
         *,
         reuse_port: bool = False,
         adjust: Callable[[Config], Config] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         """Raises ``ConfigError`` (unsafe exposure) or ``SecretError`` (inbound secret).
 
@@ -110,7 +112,7 @@ class Server:
         self.config = config
         #: The config the listeners were bound with (address changes need a restart).
         self._bound = config
-        self.state = ProxyState(config)
+        self.state = ProxyState(config, hooks)
         self.reuse_port = reuse_port
         self.adjust = adjust
         self.ready = False
@@ -184,6 +186,7 @@ class Server:
             limit = trio.Semaphore(config.server.max_connections)
             async with trio.open_nursery() as nursery:
                 self._root = nursery.cancel_scope
+                state.transcripts.nursery = nursery
                 nursery.start_soon(state.pool.run_sweeper)
                 admin = config.admin.address
                 if admin is not None:
@@ -247,6 +250,7 @@ class Server:
 async def serve(
     config: Config,
     *,
+    hooks: Hooks | None = None,
     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the proxy until cancelled.
@@ -257,8 +261,10 @@ async def serve(
     the surrounding scope closes the listeners, every client connection and
     the upstream pool.
 
+    ``hooks`` (see :mod:`proxycore.hooks`) look at or change exchanges.
+
     Raises ``ConfigError`` for an unauthenticated non-loopback listener (unless
     ``server.allow_public``) and ``SecretError`` for an unusable inbound secret
     file, before anything is bound.
     """
-    await Server(config).run(task_status=task_status)
+    await Server(config, hooks=hooks).run(task_status=task_status)

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import trio
 
 from .config import Config
+from .hooks import Hooks
 from .metrics import Metrics
 from .pool import Pool
 from .router import Router
 from .security import Security
+from .transcript import TranscriptWriters
 
 __all__ = ["ProxyState", "Snapshot"]
 
@@ -30,8 +32,10 @@ class Snapshot:
 
 
 class ProxyState:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, hooks: Hooks | None = None) -> None:
         """Raises ``SecretError`` when the inbound secret file is unusable."""
+        self.hooks = hooks or Hooks()
+        self.transcripts = TranscriptWriters()
         self.pool = Pool(config.pool)
         self.snapshot = self.prepare(config, 1)
         self.open_connections = 0

@@ -448,7 +448,7 @@ async def test_progress_callback(sim: tuple[str, int]) -> None:
     spec = LoadSpec(*sim, path="/small", duration=0.5, concurrency=2)
     with trio.fail_after(10):
         result = await run_load(spec, progress=seen.append, progress_interval=0.1)
-    assert 3 <= len(seen) <= 6
+    assert 2 <= len(seen) <= 6  # every 0.1 s for 0.5 s, give or take a slow machine
     assert [p.elapsed for p in seen] == sorted(p.elapsed for p in seen)
     last = seen[-1]
     assert 0 < last.ok <= result.ok

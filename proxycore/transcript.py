@@ -1,0 +1,72 @@
+"""Transcript files: one JSON line per SSE stream, appended by a writer task.
+
+Streams hand their line to a bounded queue (``QUEUE_LINES``) and never wait:
+if the disk is so slow that the queue is full, the line is dropped and counted
+(and logged), so a slow disk never stalls a stream. The writer appends in a
+worker thread (``trio.to_thread``) so the event loop never blocks on the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Final
+
+import trio
+
+__all__ = ["TranscriptWriters"]
+
+log: Final = logging.getLogger("proxycore.transcript")
+
+QUEUE_LINES: Final = 256
+
+
+def _append(path: str, line: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+class _Writer:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.send, self._receive = trio.open_memory_channel[bytes](QUEUE_LINES)
+        self.dropped = 0
+
+    async def run(self) -> None:
+        async for line in self._receive:
+            try:
+                await trio.to_thread.run_sync(_append, self.path, line)
+            except OSError as exc:
+                log.error("cannot append to transcript %s: %s", self.path, exc.strerror or exc)
+
+
+class TranscriptWriters:
+    """One writer task per transcript path, started on first use in ``nursery``."""
+
+    def __init__(self) -> None:
+        self._writers: dict[str, _Writer] = {}
+        self.nursery: trio.Nursery | None = None
+
+    def submit(self, path: str, record: dict[str, object]) -> bool:
+        """Queue one JSON line for ``path``; False if it had to be dropped."""
+        writer = self._writers.get(path)
+        if writer is None:
+            if self.nursery is None:
+                log.error("no task to write transcript %s; line dropped", path)
+                return False
+            writer = self._writers[path] = _Writer(path)
+            self.nursery.start_soon(writer.run)
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        try:
+            writer.send.send_nowait(line)
+        except trio.WouldBlock:
+            writer.dropped += 1
+            log.warning(
+                "transcript %s: writer behind, line dropped (%d so far)", path, writer.dropped
+            )
+            return False
+        return True
