@@ -1,5 +1,9 @@
 """proxycore: a Trio + h11 streaming reverse proxy for LLM, SSE and agent traffic.
 
+The public API is what ``__all__`` lists: build a :class:`Config` (in code or
+from a file), run it with :func:`serve` inside your own nursery, and look at or
+change exchanges with :class:`Hooks`. Everything else is internal.
+
 Embedding::
 
     import trio, proxycore
@@ -17,22 +21,44 @@ Embedding::
 
 from __future__ import annotations
 
+from .config import AdminSettings as AdminSettings
 from .config import Config as Config
 from .config import ConfigError as ConfigError
+from .config import Inbound as Inbound
 from .config import Inject as Inject
 from .config import PoolSettings as PoolSettings
+from .config import RateLimit as RateLimit
 from .config import Route as Route
 from .config import ServerSettings as ServerSettings
+from .config import SSESettings as SSESettings
 from .config import Timeouts as Timeouts
+from .config import WebSocketSettings as WebSocketSettings
+from .hooks import ExchangeInfo as ExchangeInfo
+from .hooks import Hooks as Hooks
+from .hooks import Request as Request
+from .hooks import Response as Response
+from .hooks import Summary as Summary
 from .server import serve as serve
+from .sse import SSEEvent as SSEEvent
 
 __all__ = [
+    "AdminSettings",
     "Config",
     "ConfigError",
+    "ExchangeInfo",
+    "Hooks",
+    "Inbound",
     "Inject",
     "PoolSettings",
+    "RateLimit",
+    "Request",
+    "Response",
     "Route",
+    "SSEEvent",
+    "SSESettings",
     "ServerSettings",
+    "Summary",
     "Timeouts",
+    "WebSocketSettings",
     "serve",
 ]
