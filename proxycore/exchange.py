@@ -192,6 +192,7 @@ class Exchange:
         self._remaining = 0
         self._scanner = ChunkedScanner()
         self._max_body: int | None = None
+        self._chunked_in = False
         self._response_scope: trio.CancelScope | None = None
         self._response_wait = 0.0
         self._nursery: trio.Nursery | None = None
@@ -286,7 +287,7 @@ class Exchange:
             path=path.decode("latin-1"),
             query=query.decode("latin-1"),
             headers=self.headers,
-            body=self.body_start if self.request_done else None,
+            body=self._decoded_body() if self.request_done else None,
         )
         answer = await self._call_hook("on_request", self.hooks.on_request(request))
         self.headers = request.headers
@@ -308,6 +309,14 @@ class Exchange:
         await self._send_head(serialize_head(start, headers) + body)
         self.record.bytes_out = len(body)
         return True
+
+    def _decoded_body(self) -> bytes:
+        """The request body in hand, without chunked framing."""
+        if not self._chunked_in:
+            return self.body_start
+        spans: list[tuple[int, int]] = []
+        ChunkedScanner().feed(self.body_start, 0, None, spans)
+        return b"".join(self.body_start[s:e] for s, e in spans)
 
     async def _on_exchange_end(self) -> None:
         assert self.hooks.on_exchange_end is not None
@@ -373,6 +382,7 @@ class Exchange:
             self._remaining = framing.length - len(self.body_start)
             self.request_done = self._remaining == 0
         elif framing.kind == "chunked":
+            self._chunked_in = True
             self._scanner = ChunkedScanner()
             try:
                 end = self._scanner.feed(data)

@@ -61,6 +61,7 @@ class SSEParser:
     _id: bytes | None = None
     _retry: int | None = None
     _pending: bool = False
+    _data_seen: bool = False
     _after_cr: bool = False
     _started: bool = False
     _overflow: bool = False
@@ -134,10 +135,15 @@ class SSEParser:
             value = value[1:]
         self._pending = True
         if name == b"data":
+            self._data_seen = True
+            room = self.max_bytes - self._data_len
+            if overflow or len(value) + 1 > room:
+                self.truncated = True  # one event larger than the bound: keep its start only
+                if room <= 1:
+                    return None
+                value = value[: room - 1]
             self._data.append(value)
             self._data_len += len(value) + 1
-            if overflow:
-                self.truncated = True
         elif name == b"event":
             self._type = value
         elif name == b"id":
@@ -149,13 +155,14 @@ class SSEParser:
 
     def _dispatch(self) -> SSEEvent | None:
         pending, self._pending = self._pending, False
+        seen, self._data_seen = self._data_seen, False
         data, self._data, self._data_len = self._data, [], 0
         etype, self._type = self._type, b""
         retry, self._retry = self._retry, None
         if self._id is not None:
             self.last_id = self._id.decode("utf-8", "replace")
             self._id = None
-        if not pending or not data:
+        if not pending or not seen:
             return None
         event = SSEEvent(
             type=etype.decode("utf-8", "replace") or "message",
@@ -165,11 +172,11 @@ class SSEParser:
         )
         self.count += 1
         size = len(event.data) + len(event.type)
-        if self._kept_bytes + size <= self.max_bytes:
+        if not self.truncated and self._kept_bytes + size <= self.max_bytes:
             self._kept_bytes += size
             self.events.append(event)
         else:
-            self.truncated = True
+            self.truncated = True  # kept events stay a prefix: no holes
         return event
 
 

@@ -24,7 +24,7 @@ import trio
 
 from .chunked import LAST_CHUNK, ChunkedError, ChunkedScanner, encode_chunk_header
 from .pipe import CHUNK, FramingError, IdleTimeout, SinkFailed, SourceFailed
-from .sse import HEARTBEAT, SSEEvent, SSEParser
+from .sse import _BOM, HEARTBEAT, SSEEvent, SSEParser
 from .stream import Stream, StreamBroken
 
 __all__ = ["SSERelay"]
@@ -55,21 +55,34 @@ class SSERelay:
         self._on_event = on_event
         self._lock = trio.StrictFIFOLock()
         self._last_write = trio.current_time()
+        self._beats = 0
+        self._body_seen = False
+        self._beat_failure: SinkFailed | None = None
         self.moved = 0
         self.leftover = b""
 
-    async def write(self, data: bytes) -> None:
-        """Write body bytes to the client, framed; one write at a time."""
+    async def write(self, data: bytes, *, body: bool = False) -> list[SSEEvent]:
+        """Write bytes to the client, framed; one write at a time.
+
+        ``body`` bytes (the upstream's) are fed to the parser under the same lock,
+        so the heartbeat task never sees a boundary that the client hasn't got yet.
+        Returns the events they completed.
+        """
         if not data:
-            return
-        frame = encode_chunk_header(len(data)) + data + b"\r\n" if self._chunked_out else data
+            return []
         async with self._lock:
+            if body and not self._body_seen:
+                self._body_seen = True
+                if self._beats and data.startswith(_BOM):
+                    data = data[len(_BOM) :]  # a BOM only means something first; we sent first
+            frame = encode_chunk_header(len(data)) + data + b"\r\n" if self._chunked_out else data
             try:
                 await self._down.send_all(frame)
             except StreamBroken as exc:
                 raise SinkFailed(str(exc)) from None
             self.moved += len(frame)
             self._last_write = trio.current_time()
+            return self.parser.feed(data) if body else []
 
     async def finish(self, error_event: bytes = b"") -> None:
         """End the stream cleanly, after an error event if given (at an event boundary)."""
@@ -87,28 +100,47 @@ class SSERelay:
     async def run(self, first: bytes, kind: str, length: int) -> None:
         """Relay the body: ``kind`` is the upstream framing (chunked, length, close);
         ``first`` the body bytes already read with the head."""
+        failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             if self._heartbeat:
                 nursery.start_soon(self._beat)
             try:
                 await self._pump(first, kind, length)
-            finally:
+            except (SourceFailed, SinkFailed, IdleTimeout, FramingError) as exc:
+                failure = exc  # raised after the nursery: it would wrap it in an ExceptionGroup
+            # Stop the heartbeat task only between two of its writes (never mid-frame).
+            with trio.move_on_after(self._idle) as waited:
+                async with self._lock:
+                    nursery.cancel_scope.cancel()
+            if waited.cancelled_caught:
                 nursery.cancel_scope.cancel()
+                failure = failure or SinkFailed("client stopped reading")
+        failure = failure or self._beat_failure
+        if failure is not None:
+            raise failure
 
     async def _beat(self) -> None:
-        while True:
-            await trio.sleep_until(self._last_write + self._heartbeat)
-            due = trio.current_time() >= self._last_write + self._heartbeat
-            if due and self.parser.at_boundary:
-                await self.write(HEARTBEAT)
-            elif due:
-                # Mid-event: the upstream is still sending one; try again a beat later.
-                await trio.sleep(self._heartbeat)
+        try:
+            while True:
+                await trio.sleep_until(self._last_write + self._heartbeat)
+                async with self._lock:
+                    due = trio.current_time() >= self._last_write + self._heartbeat
+                    if due and self.parser.at_boundary:
+                        frame = HEARTBEAT
+                        if self._chunked_out:
+                            frame = encode_chunk_header(len(HEARTBEAT)) + HEARTBEAT + b"\r\n"
+                        await self._down.send_all(frame)
+                        self.moved += len(frame)
+                        self._beats += 1
+                        self._last_write = trio.current_time()
+                    elif due:
+                        # Mid-event: the upstream is still sending one; retry in a beat.
+                        self._last_write = trio.current_time()
+        except StreamBroken as exc:
+            self._beat_failure = SinkFailed(str(exc))
 
     async def _deliver(self, data: bytes | memoryview) -> None:
-        chunk = bytes(data)
-        await self.write(chunk)
-        events = self.parser.feed(chunk)
+        events = await self.write(bytes(data), body=True)
         if self._on_event is not None:
             for event in events:
                 await self._on_event(event)
