@@ -20,6 +20,7 @@ __all__ = [
     "Pinning",
     "Role",
     "StealMeter",
+    "busy_cores",
     "child_preexec",
     "environment",
     "free_port",
@@ -205,6 +206,15 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def busy_cores(interval: float = 0.5) -> list[float]:
+    """How busy each core is right now (percent), before the bench starts anything."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    return [float(v) for v in psutil.cpu_percent(interval=interval, percpu=True)]
+
+
 def environment(pinning: Pinning, nginx: str | None, wrk: str | None) -> dict[str, object]:
     """Everything about the machine that the report records."""
     soft, hard = nofile_limits()
@@ -226,4 +236,5 @@ def environment(pinning: Pinning, nginx: str | None, wrk: str | None) -> dict[st
             "note": pinning.note,
         },
         "rlimit_nofile": {"soft": soft, "hard": hard},
+        "loadavg": list(os.getloadavg()),
     }

@@ -1,9 +1,11 @@
-"""Running one load-generator (or wrk) process against a target while sampling the proxy."""
+"""Measuring: a run of the load generator (one long-lived ``bench.gen --serve`` process)
+or of wrk against a target, while the proxy's CPU, RSS and fds are sampled."""
 
 from __future__ import annotations
 
 import json
 import re
+import selectors
 import subprocess
 import sys
 import time
@@ -20,6 +22,8 @@ __all__ = ["GenRun", "MeasureError", "Meter", "WrkRun", "parse_wrk"]
 
 #: How often the proxy's RSS/fds are sampled while the load runs.
 SAMPLE_INTERVAL_S: Final = 0.2
+#: How long the load-generator process may take to start (imports).
+WORKER_START_S: Final = 30.0
 
 Tick = Callable[[float, Child], None]
 
@@ -114,6 +118,7 @@ class Meter:
     env: dict[str, str]
     wrk: str | None = None
     _runs: int = field(default=0, init=False)
+    _gen: Child | None = field(default=None, init=False)
 
     def _sampler(self, target: Running) -> ProcSampler | None:
         pid = target.measured_pid
@@ -129,7 +134,6 @@ class Meter:
         target: Running,
         sampler: ProcSampler | None,
         timeout: float,
-        on_tick: Tick | None,
     ) -> None:
         """Wait for ``child`` to exit, sampling; kill it after ``timeout`` seconds."""
         t0 = time.monotonic()
@@ -146,10 +150,82 @@ class Meter:
                 target.check_alive()
                 if sampler is not None:
                     sampler.sample()
-                if on_tick is not None:
-                    on_tick(elapsed, child)
         finally:
             child.stop()
+
+    def _worker(self) -> Child:
+        """The load-generator process (``bench.gen --serve``), started on first use."""
+        if self._gen is not None and self._gen.alive():
+            return self._gen
+        self.close()
+        argv = [*self.pinning.prefix("load"), sys.executable, "-m", "bench.gen", "--serve"]
+        self._gen = Child(
+            "load generator",
+            argv,
+            log_path=self.tmp / "gen.log",
+            env=self.env,
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        # Wait until it has imported everything, so a run starts when its spec is sent.
+        try:
+            ready = self._read_line(self._gen, WORKER_START_S)
+        except BaseException:
+            self.close()
+            raise
+        if json.loads(ready).get("ready") is not True:
+            self.close()
+            raise MeasureError(f"load generator said {ready[:200]!r} instead of ready")
+        return self._gen
+
+    def _read_line(self, worker: Child, timeout: float) -> bytes:
+        stdout = worker.popen.stdout
+        assert stdout is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(stdout, selectors.EVENT_READ)
+            if not selector.select(timeout):
+                raise MeasureError(f"load generator not ready after {timeout:g} s")
+        line = stdout.readline()
+        if not line:
+            raise MeasureError(worker.describe_exit())
+        return line
+
+    def close(self) -> None:
+        """Stop the load-generator process (a new one starts on the next run)."""
+        if self._gen is not None:
+            self._gen.stop()
+            self._gen = None
+
+    def _answer(
+        self,
+        worker: Child,
+        target: Running,
+        sampler: ProcSampler | None,
+        timeout: float,
+        on_tick: Tick | None,
+    ) -> bytes:
+        """Wait for the worker's answer line, sampling the proxy meanwhile."""
+        stdout = worker.popen.stdout
+        assert stdout is not None
+        t0 = time.monotonic()
+        with selectors.DefaultSelector() as selector:
+            selector.register(stdout, selectors.EVENT_READ)
+            while not selector.select(SAMPLE_INTERVAL_S):
+                elapsed = time.monotonic() - t0
+                if elapsed > timeout:
+                    raise MeasureError(f"load generator still running after {timeout:g} s")
+                if not worker.alive():
+                    break
+                target.check_alive()
+                if sampler is not None:
+                    sampler.sample()
+                if on_tick is not None:
+                    on_tick(elapsed, worker)
+        line = stdout.readline()
+        if not line:
+            raise MeasureError(worker.describe_exit())
+        return line
 
     def gen(
         self,
@@ -159,35 +235,33 @@ class Meter:
         timeout: float,
         on_tick: Tick | None = None,
     ) -> GenRun:
-        """Run ``python -m bench.gen`` with ``spec`` (host/port filled in) against ``target``."""
-        self._runs += 1
-        out = self.tmp / f"gen-{self._runs}.json"
+        """Run ``spec`` (host/port filled in) against ``target`` in the load generator.
+
+        On a timeout or any failure the load-generator process is killed (a fresh one
+        serves the next run) and MeasureError (or the target's StartError) is raised.
+        """
         full = {"host": target.host, "port": target.port, **spec}
-        argv = [
-            *self.pinning.prefix("load"),
-            sys.executable,
-            "-m",
-            "bench.gen",
-            json.dumps(full),
-            "--out",
-            str(out),
-        ]
+        worker = self._worker()
+        stdin = worker.popen.stdin
+        assert stdin is not None
         sampler = self._sampler(target)
         steal = StealMeter()
         steal.start()
         t0 = time.monotonic()
-        child = Child(
-            "load generator", argv, log_path=self.tmp / "gen.log", env=self.env, cwd=REPO_ROOT
-        )
-        self._supervise(child, target, sampler, timeout, on_tick)
+        try:
+            stdin.write(json.dumps(full).encode() + b"\n")
+            stdin.flush()
+            line = self._answer(worker, target, sampler, timeout, on_tick)
+        except BaseException:
+            self.close()
+            raise
         wall = time.monotonic() - t0
         steal_pct = steal.stop()
         if sampler is not None:
             sampler.stop()
-        if child.popen.returncode != 0 or not out.exists():
-            raise MeasureError(child.describe_exit())
-        data = json.loads(out.read_text(encoding="utf-8"))
-        out.unlink()
+        data = json.loads(line)
+        if "error" in data:
+            raise MeasureError(f"load generator: {data['error']}")
         return GenRun(
             result=data["result"],
             dist=data.get("dist", {}),
@@ -220,7 +294,7 @@ class Meter:
         steal.start()
         with open(out, "wb") as stdout:
             child = Child("wrk", argv, log_path=self.tmp / "wrk.log", stdout=stdout)
-            self._supervise(child, target, sampler, seconds + 30.0, None)
+            self._supervise(child, target, sampler, seconds + 30.0)
         steal_pct = steal.stop()
         if sampler is not None:
             sampler.stop()

@@ -40,6 +40,7 @@ class Child:
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
         stdout: IO[bytes] | int | None = None,
+        stdin: int = subprocess.DEVNULL,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -48,7 +49,7 @@ class Child:
         try:
             self.popen: subprocess.Popen[bytes] = subprocess.Popen(
                 self.argv,
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=self._log if stdout is None else stdout,
                 stderr=self._log,
                 env=dict(env) if env is not None else None,
@@ -97,6 +98,10 @@ class Child:
                 # The leader is gone; make sure nothing it started lingers.
                 self._signal(signal.SIGKILL)
         finally:
+            for pipe in (self.popen.stdin, self.popen.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
             self._log.close()
 
     def _signal(self, sig: signal.Signals) -> None:

@@ -91,15 +91,21 @@ def _environment_lines(doc: dict[str, Any]) -> list[str]:
         if version
         and name in ("proxycore", "trio", "h11", "hypercorn", "fastapi", "uvicorn", "httpx")
     )
+    nginx = (env.get("nginx") or "nginx not installed").replace("nginx version: ", "")
+    wrk = " ".join((env.get("wrk") or "wrk not installed").split()[:2])
     lines = [
         f"- Machine: {env['cpu_model']}, {env['usable_cores']} usable core(s); "
         f"{env['python_impl']} {env['python']}; {env['platform']}",
         f"- Packages: {shown}",
-        f"- nginx: {env.get('nginx') or 'not installed'}; wrk: {env.get('wrk') or 'not installed'}",
+        f"- {nginx}; {wrk}",
         f"- Pinning: {env['pinning']['note']}",
         f"- RLIMIT_NOFILE given to every child: {env['rlimit_nofile']['hard']:,} "
         "(soft raised to the hard limit)",
     ]
+    busy = env.get("busy_before_pct")
+    if busy:
+        shown_busy = ", ".join(f"core {i} {b:.0f}%" for i, b in enumerate(busy))
+        lines.append(f"- Busy before the bench started (other processes): {shown_busy}")
     steal = doc.get("steal_pct")
     if steal is not None:
         lines.append(f"- Host steal over the whole run: {steal:.1f}% of all CPU time")

@@ -13,6 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from bench.env import Pinning, StealMeter, environment
+from bench.env import Pinning, StealMeter, busy_cores, environment
 from bench.measure import MeasureError, Meter
 from bench.procs import Child, StartError
 from bench.report import render_chart, render_markdown
@@ -42,6 +43,11 @@ from bench.workloads import SIZES, WORKLOADS, Case, Measurement, Sizes, build_ca
 __all__ = ["main"]
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+#: How long a process may take to close what a case left open before it is restarted.
+SETTLE_S = 20.0
+#: Open fds above the start-up count that still count as settled (idle pooled
+#: upstream connections; for the upstream, every proxy's pool).
+SETTLED_EXTRA_FDS = {"proxy": 100, "upstream": 1000}
 _MEASURE_ERRORS = (MeasureError, StartError, OSError, ValueError, KeyError, psutil.Error)
 
 
@@ -86,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rounds", type=int, default=1, help="repeat every workload N times")
     p.add_argument("--duration", type=float, help="seconds for the small-request rps rows")
+    p.add_argument(
+        "--stream-rate",
+        type=float,
+        help="streams started per second in the streams workload (default 500; lower it "
+        "when the load core is shared)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the results")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--no-wrk", action="store_true", help="skip the wrk rows")
@@ -101,6 +113,8 @@ def _sizes(args: argparse.Namespace) -> Sizes:
     sizes = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
     if args.duration is not None:
         sizes = replace(sizes, small_duration=args.duration)
+    if args.stream_rate is not None:
+        sizes = replace(sizes, stream_open_rate=args.stream_rate)
     return sizes
 
 
@@ -169,14 +183,28 @@ class _Run:
         self.description: dict[str, str] = {}
         self.rounds: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self.notes: list[str] = []
+        self.busy_before: list[float] = []
+        self.ctx: StartContext | None = None
+        self.base_fds: dict[str, int] = {}
+        self.restarted: set[str] = set()
+        self.meter = Meter(self.pinning, self.tmp, env=child_env(), wrk=self.wrk)
 
     def log(self, message: str) -> None:
         _log(self.t0, message)
 
     def start(self) -> int:
+        self.busy_before = busy_cores()
+        for core, busy in enumerate(self.busy_before):
+            if busy > 25.0:
+                self.notes.append(
+                    f"Core {core} was {busy:.0f}% busy with other processes before the bench "
+                    "started anything: figures measured there are unreliable."
+                )
+                self.log(self.notes[-1])
         self.log(f"upstream (pinning: {self.pinning.note})")
         self.upstream, port = start_upstream(self.tmp, self.pinning)
-        ctx = StartContext(port, self.tmp, self.pinning)
+        self.base_fds["upstream"] = _fds(self.upstream.pid) or 0
+        self.ctx = StartContext(port, self.tmp, self.pinning)
         for name in self.names:
             reason = unavailable_reason(name)
             if reason is not None:
@@ -184,14 +212,80 @@ class _Run:
                 self.log(f"{name}: {self.status[name]}")
                 continue
             try:
-                self.running[name] = start_scenario(ctx, name)
+                self._start_one(name)
             except (StartError, OSError) as exc:
                 self.status[name] = f"failed: {_short(exc)}"
             else:
                 self.status[name] = "ok"
-                self.description[name] = self.running[name].description
             self.log(f"{name}: {self.status[name]}")
         return port
+
+    def _start_one(self, name: str) -> None:
+        assert self.ctx is not None
+        target = start_scenario(self.ctx, name)
+        self.running[name] = target
+        self.description[name] = target.description
+        if target.measured_pid is not None:
+            self.base_fds[name] = _fds(target.measured_pid) or 0
+
+    def settle(self, name: str, case: Case) -> None:
+        """Wait until the process under ``name`` has closed what ``case`` left open.
+
+        A proxy still holding connections after SETTLE_S seconds (a slow one still
+        working through thousands of abandoned streams) is restarted, so the next case
+        measures it fresh; the upstream is only waited for.
+        """
+        target = self.running.get(name)
+        if target is None or self.upstream is None:
+            return
+        pid = target.measured_pid
+        key, role = (name, "proxy") if pid is not None else ("upstream", "upstream")
+        if pid is None:
+            pid = self.upstream.pid
+        limit = self.base_fds.get(key, 0) + SETTLED_EXTRA_FDS[role]
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            fds = _fds(pid)
+            if fds is None or fds <= limit:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        extra = fds - self.base_fds.get(key, 0)
+        if role == "upstream":
+            self.notes.append(
+                f"The upstream still held {extra} extra fds {SETTLE_S:g} s after {case.id} "
+                f"({name}): the next rows may be slowed by it."
+            )
+            self.log(self.notes[-1])
+            return
+        self.notes.append(
+            f"`{name}` still held {extra} extra fds {SETTLE_S:g} s after {case.id}: "
+            "restarted it for the rows after that."
+        )
+        self.log(self.notes[-1])
+        target.stop()
+        del self.running[name]
+        try:
+            self._start_one(name)
+        except (StartError, OSError) as exc:
+            self.status[name] = f"failed: restart after {case.id}: {_short(exc)}"
+            self.log(f"{name}: {self.status[name]}")
+
+    def restart_after_death(self, name: str, case: Case, exc: BaseException) -> None:
+        """Start a scenario that died once more (once per run), for the later cases."""
+        died = f"died during {case.id}: {_short(exc)}"
+        if name in self.restarted:
+            self.status[name] = f"failed: {died} (again)"
+            return
+        self.restarted.add(name)
+        try:
+            self._start_one(name)
+        except (StartError, OSError) as start_exc:
+            self.status[name] = f"failed: {died}; restart failed: {_short(start_exc)}"
+            return
+        self.notes.append(f"`{name}` {died}; restarted it for the rows after that.")
+        self.log(self.notes[-1])
 
     def measure(self, case: Case, name: str, meter: Meter) -> dict[str, Any]:
         if case.skip:
@@ -204,12 +298,14 @@ class _Run:
                 raise MeasureError(f"the upstream died: {self.upstream.describe_exit()}")
             target.check_alive()
             m: Measurement = case.run(meter, target)
-        except _MEASURE_ERRORS as exc:
+        except Exception as exc:
+            if not isinstance(exc, _MEASURE_ERRORS):  # a bug: keep the traceback
+                traceback.print_exc(file=sys.stderr)
             entry = {"status": f"failed: {_short(exc)}", "metrics": {}}
             if target.child is not None and not target.child.alive():
-                self.status[name] = f"failed: died during {case.id}: {_short(exc)}"
                 target.stop()
                 del self.running[name]
+                self.restart_after_death(name, case, exc)
             return entry
         return {
             "status": "ok",
@@ -220,7 +316,7 @@ class _Run:
         }
 
     def run_cases(self, upstream_pid: int, upstream_port: int) -> list[Case]:
-        meter = Meter(self.pinning, self.tmp, env=child_env(), wrk=self.wrk)
+        meter = self.meter
         cases = build_cases(
             self.sizes,
             upstream_pid=upstream_pid,
@@ -228,20 +324,25 @@ class _Run:
             wrk=self.wrk is not None,
             workloads=self.args.workloads,
         )
-        for rnd in range(self.args.rounds):
-            for case in cases:
+        rounds = self.args.rounds
+        for rnd in range(rounds):
+            for index, case in enumerate(cases):
+                last = rnd == rounds - 1 and all(c.skip for c in cases[index + 1 :])
                 this_round: dict[str, dict[str, Any]] = {}
                 for name in self.names:
                     entry = self.measure(case, name, meter)
                     this_round[name] = entry
                     if not case.skip:
                         self.log(f"round {rnd + 1} {case.id} {name}: {entry['status']}")
+                        if not last:
+                            self.settle(name, case)
                 _add_relative(case, this_round)
                 for name, entry in this_round.items():
                     self.rounds.setdefault(case.id, {}).setdefault(name, []).append(entry)
         return cases
 
     def stop(self) -> None:
+        self.meter.close()
         for target in self.running.values():
             target.stop()
         self.running.clear()
@@ -275,6 +376,7 @@ class _Run:
                 },
             }
         env = environment(self.pinning, find_nginx(), self.wrk)
+        env["busy_before_pct"] = self.busy_before
         if self.pinning.method == "none":
             self.notes.append(f"Not pinned: {self.pinning.note}.")
         if self.wrk is None:
@@ -312,6 +414,24 @@ class _Run:
         }
 
 
+def _compact(value: Any) -> Any:
+    """The document with every float cut to 5 significant digits (a smaller file)."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    return value
+
+
+def _fds(pid: int) -> int | None:
+    try:
+        return psutil.Process(pid).num_fds()
+    except (psutil.Error, OSError):
+        return None
+
+
 def _failures(doc: dict[str, Any]) -> list[str]:
     out = [
         f"{n}: {s['status']}"
@@ -344,6 +464,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 1:
         print("--rounds must be at least 1", file=sys.stderr)
         return 2
+    for flag in ("duration", "stream_rate"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            print(f"--{flag.replace('_', '-')} must be > 0", file=sys.stderr)
+            return 2
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     started = dt.datetime.now(dt.UTC)
     run = _Run(args)
@@ -359,10 +484,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         assert run.upstream is not None
         cases = run.run_cases(run.upstream.pid, port)
+    except KeyboardInterrupt:
+        print("bench: interrupted; stopping everything (no report)", file=sys.stderr)
+        return 130
     finally:
         run.stop()
         signal.signal(signal.SIGTERM, previous)
-    doc = run.document(cases, started, steal.stop())
+    doc = _compact(run.document(cases, started, steal.stop()))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / started.strftime("%Y%m%dT%H%M%SZ")
     json_path = stem.with_suffix(".json")
