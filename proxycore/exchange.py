@@ -76,6 +76,7 @@ from .pipe import (
     IdleTimeout,
     SinkFailed,
     SourceFailed,
+    bulk_buffer,
     pump_chunked,
     pump_chunked_decoded,
     pump_length,
@@ -540,8 +541,9 @@ class Exchange:
         try:
             if not self.request_done:
                 if framing.kind == "length":
+                    buf = bulk_buffer(self._remaining, client.rbuf)
                     moved = await pump_length(
-                        client.stream, conn.stream, client.rbuf, self._remaining, idle
+                        client.stream, conn.stream, buf, self._remaining, idle
                     )
                 else:
                     moved, client.pending = await pump_chunked(
@@ -729,7 +731,7 @@ class Exchange:
                 moved = 0
                 if rest:
                     self._watch_client()
-                    moved = await pump_length(up, down, buf, rest, idle)
+                    moved = await pump_length(up, down, bulk_buffer(rest, buf), rest, idle)
                 self.record.bytes_out = len(first) + moved
                 return reusable and len(trailing) == len(first)
             if kind == "chunked":

@@ -28,12 +28,14 @@ from .chunked import LAST_CHUNK, ChunkedError, ChunkedScanner, encode_chunk_head
 from .stream import Stream, StreamBroken
 
 __all__ = [
+    "BULK_CHUNK",
     "CHUNK",
     "BodyTooLarge",
     "FramingError",
     "IdleTimeout",
     "SinkFailed",
     "SourceFailed",
+    "bulk_buffer",
     "pump_chunked",
     "pump_chunked_decoded",
     "pump_length",
@@ -41,6 +43,17 @@ __all__ = [
 ]
 
 CHUNK: Final = 4096
+#: Read size for large Content-Length bodies: bulk transfers are bound by reads per
+#: byte (bench: 64 MiB download 0.57x nginx at 4 KiB reads). Still fixed and bounded:
+#: one such buffer per exchange in flight, only while it pumps a large body.
+BULK_CHUNK: Final = 64 * 1024
+BULK_THRESHOLD: Final = 256 * 1024
+
+
+def bulk_buffer(remaining: int, default: bytearray) -> bytearray:
+    """``default`` (the connection's 4 KiB buffer), or a 64 KiB one for a body
+    still larger than ``BULK_THRESHOLD``. SSE and chunked bodies never get one."""
+    return bytearray(BULK_CHUNK) if remaining > BULK_THRESHOLD else default
 
 
 class PipeError(Exception):
@@ -82,12 +95,14 @@ async def _recv(src: Stream, buf: bytearray, nbytes: int) -> int:
 
 
 async def pump_length(src: Stream, dst: Stream, buf: bytearray, remaining: int, idle: float) -> int:
-    """Copy exactly ``remaining`` bytes (a Content-Length body's rest)."""
+    """Copy exactly ``remaining`` bytes (a Content-Length body's rest), in reads of
+    at most ``len(buf)`` bytes (see :func:`bulk_buffer`)."""
     view = memoryview(buf)
+    size = len(buf)
     moved = 0
     with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
         while remaining:
-            n = await _recv(src, buf, CHUNK if remaining > CHUNK else remaining)
+            n = await _recv(src, buf, size if remaining > size else remaining)
             if not n:
                 raise SourceFailed(f"body ended {remaining} bytes early")
             await _send(dst, view[:n])
