@@ -1,37 +1,32 @@
-"""WebSocket relay for ``websocket = true`` routes (RFC 6455, via trio-websocket + wsproto).
+"""WebSocket relay for ``websocket = true`` routes (trio-websocket on both sides).
 
-``Exchange.run`` calls :func:`relay_websocket` after routing and admission, so inbound
-auth, policy and rate limits have already run. The flow of one session:
+``Exchange.run`` calls :func:`relay_websocket` after routing and admission (inbound auth,
+policy and rate limits have run). One session:
 
-1. The client's handshake is checked (HTTP/1.1, no body, ASCII target, version 13, a key);
-   a bad one is an ordinary JSON error (400, or 426 for another version).
-2. The client side is *parsed, not answered*: a trio-websocket server connection reads a
-   stream that first replays the head the proxy already read (``raw_head + pending``),
-   then the socket. Nothing is sent to the client yet.
-3. The upstream handshake, within the route's ``connect`` timeout: ``ws://`` or ``wss://``
-   (SNI, hostname check, the route's ``ca_file``), path ``upstream_path + query``, the
-   client's subprotocols, and the headers an HTTP request would carry (X-Forwarded-*,
-   X-Request-ID, identity, injected credential; never the client's credential or identity
-   copies, nor its handshake headers: trio-websocket makes its own). Unreachable upstream:
-   502/504 JSON through the exchange's error path. Refused (any status but 101): that
-   status, headers (hop-by-hop dropped) and body go to the client as a plain response, and
-   the connection is closed: no byte is ever tunnelled after it.
-4. Only after the upstream's 101 does the client get its 101, with the upstream's chosen
-   subprotocol and no extensions (permessage-deflate is not supported: never offered
-   upstream, never accepted from the client).
-5. Relay, in one nursery: one task per direction (text stays text, binary stays binary,
-   order kept), client keepalive pings, the idle / lifetime timer, and a drain watch.
-   Both connections use ``message_queue_size=1``: a slow reader on one side stops the
-   other side's reads, so memory per session is a few messages (each at most
-   ``max_message_bytes``; a larger one is refused with close code 1009 by trio-websocket).
-6. The first ending decides the close codes: a close frame from one side is passed to the
-   other (code and reason); a side that vanishes without one makes the other get 1011
-   (upstream lost) or 1001 (client gone); idle 1001, lifetime 1008, ping timeout 1001 (the
-   client is presumed gone), shutdown 1001. Both closing handshakes then run concurrently,
-   each bounded by ``CLOSE_TIMEOUT_S``, while the pumps still run (so a frame being written
-   is finished, never cut mid-frame, before the close frame), and the session ends.
+1. The client's handshake is checked (HTTP/1.1, no body, version 13, a key, ASCII where
+   wsproto decodes); a bad one is a JSON error (400, 426). It is then *parsed, not
+   answered*: trio-websocket's server side reads a stream that replays the head the proxy
+   already read (``raw_head + pending``), then the socket.
+2. Upstream handshake within the route's ``connect`` timeout: ``ws://`` or ``wss://`` (SNI,
+   hostname check, ``ca_file``), path ``upstream_path + query``, the client's subprotocols
+   and the headers an HTTP request would get (X-Forwarded-*, X-Request-ID, identity,
+   injected credential; never the client's credential, identity or handshake headers).
+   Unreachable: 502/504 JSON via the exchange. Refused (any status but 101): that status,
+   headers (hop-by-hop dropped) and body go to the client and the connection closes, so
+   no byte is ever tunnelled after it.
+3. Only then does the client get 101, with the upstream's subprotocol and no extensions:
+   permessage-deflate is not supported (never offered upstream, never accepted).
+4. Relay in one nursery: a task per direction (text stays text, binary binary, in order),
+   client pings, the idle/lifetime timer and a drain watch. ``message_queue_size=1`` on
+   both connections: a slow reader stops the other side's reads, so a session holds a few
+   messages (each <= ``max_message_bytes``; larger: close 1009, from trio-websocket).
+5. The first ending picks the close codes: a close frame is passed on (code and reason);
+   a side gone without one makes the other get 1011 (upstream lost) or 1001 (client gone);
+   idle 1001, lifetime 1008, ping timeout 1001 (the client is presumed gone), shutdown
+   1001. Both closing handshakes run concurrently, each at most ``CLOSE_TIMEOUT_S``, while
+   the pumps still run: a frame being written is finished first, never cut mid-frame.
 
-The access record gets status 101 and message bytes each way; one extra JSON line per
+The access record gets status 101 and the message bytes each way; one more JSON line per
 session (messages, bytes, both close codes) goes to the ``proxycore.access`` logger.
 """
 
@@ -93,25 +88,19 @@ log: Final = logging.getLogger("proxycore.websocket")
 
 #: How long each closing handshake may take before the connection is cut.
 CLOSE_TIMEOUT_S: Final = 5.0
-#: Socket read size on both sides (trio-websocket's default).
-RECV_BYTES: Final = 4096
-#: Handshake headers trio-websocket makes itself: client copies never pass upstream.
+#: Socket read size, both sides (4 KiB halves throughput: wsproto's cost is per read).
+RECV_BYTES: Final = 65536
+#: Handshake headers trio-websocket makes itself: client copies never go upstream.
 WS_HANDSHAKE: Final = frozenset(
-    {
-        b"sec-websocket-key",
-        b"sec-websocket-version",
-        b"sec-websocket-extensions",
-        b"sec-websocket-protocol",
-        b"sec-websocket-accept",
-    }
+    b"sec-websocket-" + n for n in (b"key", b"version", b"extensions", b"protocol", b"accept")
 )
 _NOT_IN_101: Final = WS_HANDSHAKE | HOP_BY_HOP | {b"content-length", b"x-request-id"}
-GOING_AWAY: Final = 1001
-POLICY_VIOLATION: Final = 1008
-INTERNAL_ERROR: Final = 1011
-#: Close codes that never travel in a frame: the peer vanished (or TLS failed).
+GOING_AWAY, POLICY, INTERNAL = 1001, 1008, 1011
+#: Codes that never travel in a frame: the peer vanished (or its TLS failed).
 _ABNORMAL: Final = frozenset({1006, 1015})
 LIFETIME_REASON: Final = "session lifetime exceeded, reconnect"
+
+Close = tuple[int, str]
 
 
 class UpgradeRequired(DownstreamError):
@@ -120,13 +109,13 @@ class UpgradeRequired(DownstreamError):
 
 
 class _Reader:
-    """Stands in for the nursery trio-websocket starts a connection's reader task in.
+    """Passed to trio-websocket as the nursery for a connection's reader task.
 
-    trio-websocket lets the reader's exceptions escape into that nursery: a refused upstream
-    handshake raises ``ConnectionRejected`` there, and a malformed 101 an h11/wsproto
-    protocol error. Run through this, the exception is kept instead of cancelling the
-    session, and ``watch`` (a scope waiting on a handshake) is cancelled when the reader
-    ends, so a peer that closes or misbehaves mid-handshake is seen at once.
+    trio-websocket lets the reader's exceptions escape into that nursery (a refused
+    upstream handshake raises ``ConnectionRejected`` there; a malformed 101 an h11/wsproto
+    error). Here the exception is kept instead, and ``watch`` (a scope waiting on a
+    handshake) is cancelled when the reader ends, so a peer that quits mid-handshake is
+    seen at once.
     """
 
     def __init__(self, nursery: trio.Nursery) -> None:
@@ -135,12 +124,12 @@ class _Reader:
         self.done = False
         self.watch: trio.CancelScope | None = None
 
-    def start_soon(self, fn: Callable[[], Awaitable[object]], *args: object) -> None:
-        self._nursery.start_soon(self._run, fn)
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        self._nursery.start_soon(self._run, fn, *args)
 
-    async def _run(self, fn: Callable[[], Awaitable[object]]) -> None:
+    async def _run(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         try:
-            await fn()
+            await fn(*args)
         except Exception as exc:
             self.error = exc
             if self.watch is None:
@@ -158,20 +147,18 @@ class _Reader:
 class _ClientStream(trio.abc.Stream):
     """The client's socket as a trio stream that first replays the bytes already read.
 
-    It wraps the very ``socket.socket`` object the connection's ``RawStream`` holds (no dup),
-    so whichever closes first closes it: trio's close and ``RawStream.close`` both check
-    ``fileno() != -1`` and call ``notify_closing`` first, so the descriptor is closed exactly
-    once and no task is left waiting on a number the kernel may reuse.
+    It wraps the very ``socket.socket`` object the connection's ``RawStream`` holds (no
+    dup), so whichever closes first closes it: trio's close and ``RawStream.close`` both
+    check ``fileno() != -1`` and call ``notify_closing`` first, so the descriptor is
+    closed exactly once and no task is left waiting on a number the kernel may reuse.
     """
 
     def __init__(self, sock: socket.socket, replay: bytes) -> None:
-        self.sock = sock
         self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self._replay = replay
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._replay:
-            # Whole: wsproto's h11 refuses an incomplete head past 16 KiB, ours may be 64.
+        if self._replay:  # in one piece: wsproto's h11 refuses a partial head over 16 KiB
             await trio.lowlevel.checkpoint()
             data, self._replay = self._replay, b""
             return data
@@ -187,45 +174,61 @@ class _ClientStream(trio.abc.Stream):
         await self._stream.aclose()
 
 
-def _text_size(message: str | bytes) -> int:
+def _size(message: str | bytes) -> int:
     if isinstance(message, bytes) or message.isascii():
         return len(message)
     return len(message.encode("utf-8"))
 
 
-async def _close(ws: WebSocketConnection | None, code: int, reason: str) -> None:
+async def _close(ws: WebSocketConnection, code: int, reason: str) -> None:
     """Closing handshake, bounded; a no-op on a side that is already closed."""
-    if ws is not None:
-        with trio.move_on_after(CLOSE_TIMEOUT_S):
-            await ws.aclose(code, reason or None)
+    with trio.move_on_after(CLOSE_TIMEOUT_S):
+        await ws.aclose(code, reason or None)
 
 
 class _Session:
     def __init__(self, exchange: Exchange, match: Match, query: bytes, admission: Admission):
-        self.x = exchange
-        self.route = match.route
+        self.x, self.route, self.admission = exchange, match.route, admission
         self.resource = match.upstream_path + query
-        self.admission = admission
         self.ws = self.route.ws
         self.timeouts = exchange.snapshot.config.timeouts_for(self.route)
         self.client_ws: WebSocketConnection | None = None
-        self.upstream_ws: WebSocketConnection | None = None
         self.up_sock: trio.socket.SocketType | None = None
         self.rejected: ConnectionRejected | None = None
-        self.outcome = ""
-        self.client_close = (0, "")
-        self.upstream_close = (0, "")
+        self.outcome, self.client_close, self.upstream_close = "", (0, ""), (0, "")
         self.ended = trio.Event()
-        self.messages = [0, 0]  # in (client -> upstream), out
-        self.sizes = [0, 0]
-        self.started = 0.0
-        self.idle_deadline = math.inf
+        self.messages, self.sizes = [0, 0], [0, 0]  # [client -> upstream, upstream -> client]
+        self.started, self.idle_deadline = 0.0, math.inf
         self.up_blocked = False  # the client -> upstream pump waits on the upstream
+
+    async def run(self) -> None:
+        subprotocols = self.check_client()
+        rec, up = self.x.record, self.route.target
+        rec.upstream = f"{up.scheme}://{up.host_header}"
+        error: ProxyError | None = None
+        try:
+            async with trio.open_nursery() as readers:
+                try:
+                    await self.handshake(readers, subprotocols)
+                except ProxyError as exc:
+                    error = exc  # kept out of the nursery: it would wrap it in a group
+                readers.cancel_scope.cancel()
+        finally:
+            if self.up_sock is not None:
+                self.up_sock.close()
+            if self.client_ws is not None and self.x.client.stream.sock.fileno() != -1:
+                # trio-websocket left it open (the client's close came first, or it stopped
+                # reading after a too-big message): the connection closes it, lingering.
+                self.x.client.linger = True
+        if error is not None:
+            raise error
+        if self.rejected is not None:
+            await self.relay_refusal(self.rejected)
 
     # -- handshake ---------------------------------------------------------
 
     def check_client(self) -> list[str]:
-        """Refuse what trio-websocket's server side would; return the offered subprotocols."""
+        """Refuse what trio-websocket's server side would; the offered subprotocols."""
         x = self.x
         if not x.client_11:
             raise BadRequest("WebSocket needs HTTP/1.1")
@@ -241,34 +244,80 @@ class _Session:
             )
         if not values.get(b"sec-websocket-key"):
             raise BadRequest("missing Sec-WebSocket-Key")
-        try:
-            x.request.target.decode("ascii")
-            x.client.raw_head.decode("ascii")  # wsproto decodes Host, target, protocols
-            offered = [p for v in values.get(b"sec-websocket-protocol", []) for p in v.split(b",")]
-            return [s for s in (p.decode("ascii").strip() for p in offered) if s]
-        except UnicodeDecodeError:
-            raise BadRequest("non-ASCII bytes in the WebSocket handshake") from None
+        protocols = b",".join(values.get(b"sec-websocket-protocol", []))
+        try:  # what wsproto decodes (the Host is sent upstream, so ASCII too)
+            for value in (x.request.target, protocols, *values.get(b"host", [])):
+                value.decode("ascii")
+            b",".join(values.get(b"sec-websocket-extensions", [])).decode("ascii")
+            for host in values.get(b"host", []):
+                host.decode("idna")
+        except UnicodeError:
+            raise BadRequest("invalid bytes in the WebSocket handshake") from None
+        return [s for s in (p.decode().strip() for p in protocols.split(b",")) if s]
 
-    async def parse_client(self, reader: _Reader) -> WebSocketRequest:
+    async def handshake(self, readers: trio.Nursery, subprotocols: list[str]) -> None:
+        rec = self.x.record
+        client_reader, upstream_reader = _Reader(readers), _Reader(readers)
         client = self.x.client
-        stream = _ClientStream(client.stream.sock, client.raw_head + client.pending)
         request: WebSocketRequest | None = None
-        with trio.CancelScope() as reader.watch:
+        with trio.CancelScope() as client_reader.watch:
             request = await wrap_server_stream(
-                reader.nursery,
-                stream,
+                client_reader.nursery,
+                _ClientStream(client.stream.sock, client.raw_head + client.pending),
                 message_queue_size=1,
                 max_message_size=self.ws.max_message_bytes,
-                receive_buffer_size=None,  # the replay in one piece; then RECV_BYTES reads
+                receive_buffer_size=None,  # the replay in one piece, then RECV_BYTES
             )
         if request is None:  # trio-websocket refused the head (check_client should have)
             raise BadRequest("malformed WebSocket handshake")
-        return request
+        upstream_ws = await self.connect_upstream(upstream_reader, client_reader, subprotocols)
+        rec.ttfb = trio.current_time() - rec.started
+        if upstream_ws is None:
+            return
+        try:
+            self.client_ws = await request.accept(
+                subprotocol=upstream_ws.subprotocol, extra_headers=self.reply_headers(upstream_ws)
+            )
+        except ConnectionClosed:
+            rec.status, rec.outcome = ClientGone.status, ClientGone.outcome
+            await _close(upstream_ws, GOING_AWAY, "client went away")
+            return
+        self.x.head_sent = True
+        rec.status = 101
+        await self.relay(self.client_ws, upstream_ws)
 
-    def upstream_headers(self) -> tuple[str, Headers]:
-        x, route = self.x, self.route
-        host = route.target.host_header.encode("ascii")
-        if route.preserve_host:
+    async def open_upstream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+        up = self.route.target
+        try:
+            self.up_sock = trio.socket.from_stdlib_socket(await connect_tcp(up.host, up.port))
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            where = f"{up.host}:{up.port}"
+            raise UpstreamConnectError(f"cannot connect to upstream {where}: {why}") from None
+        stream = trio.SocketStream(self.up_sock)
+        if up.scheme == "http":
+            return stream
+        context = _tls_contexts.get(self.route.ca_file)
+        tls = trio.SSLStream(stream, context, server_hostname=up.host, https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__
+            reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+            reason = reason or type(cause).__name__
+            where = f"{up.host}:{up.port}"
+            raise UpstreamConnectError(
+                f"upstream {where}: TLS handshake failed: {reason}"
+            ) from None
+        return tls
+
+    async def connect_upstream(
+        self, reader: _Reader, client: _Reader, subprotocols: list[str]
+    ) -> WebSocketConnection | None:
+        """The upstream connection after its 101; None if it refused (``self.rejected``)."""
+        x, up = self.x, self.route.target
+        host = up.host_header.encode("ascii")
+        if self.route.preserve_host:
             host = next((v for n, v in x.headers if n.lower() == b"host"), host)
         headers = upstream_request_headers(
             x.headers,
@@ -280,43 +329,6 @@ class _Session:
             drop=self.admission.drop | WS_HANDSHAKE,
             extra=self.admission.extra,
         )
-        return host.decode("latin-1"), [(n, v) for n, v in headers if n.lower() != b"host"]
-
-    async def open_upstream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-        up = self.route.target
-        try:
-            sock = trio.socket.from_stdlib_socket(await connect_tcp(up.host, up.port))
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise UpstreamConnectError(
-                f"cannot connect to upstream {up.host}:{up.port}: {reason}"
-            ) from None
-        self.up_sock = sock
-        stream = trio.SocketStream(sock)
-        if up.scheme == "http":
-            return stream
-        tls = trio.SSLStream(
-            stream,
-            _tls_contexts.get(self.route.ca_file),
-            server_hostname=up.host,
-            https_compatible=True,
-        )
-        try:
-            await tls.do_handshake()
-        except trio.BrokenResourceError as exc:
-            cause = exc.__cause__
-            why = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-            raise UpstreamConnectError(
-                f"upstream {up.host}:{up.port}: TLS handshake failed: {why or type(cause).__name__}"
-            ) from None
-        return tls
-
-    async def connect_upstream(
-        self, reader: _Reader, client: _Reader, subprotocols: list[str]
-    ) -> WebSocketConnection | None:
-        """The upstream connection after its 101; None if it refused (``self.rejected``)."""
-        up = self.route.target
-        host, headers = self.upstream_headers()
         ws: WebSocketConnection | None = None
         with trio.move_on_after(self.timeouts.connect) as timer:
             stream = await self.open_upstream()
@@ -325,10 +337,10 @@ class _Session:
                 ws = await wrap_client_stream(
                     reader.nursery,
                     stream,
-                    host,
+                    host.decode("ascii"),  # trio-websocket sends Host itself
                     self.resource.decode("ascii"),
                     subprotocols=subprotocols,
-                    extra_headers=headers,
+                    extra_headers=[(n, v) for n, v in headers if n.lower() != b"host"],
                     message_queue_size=1,
                     max_message_size=self.ws.max_message_bytes,
                     receive_buffer_size=RECV_BYTES,
@@ -336,24 +348,30 @@ class _Session:
             reader.watch = client.watch = None
         if ws is not None:
             return ws
+        where = f"upstream {up.host}:{up.port}"
         if timer.cancelled_caught:
-            raise UpstreamConnectTimeout(
-                f"WebSocket handshake with upstream {up.host}:{up.port} timed out"
-            )
+            raise UpstreamConnectTimeout(f"WebSocket handshake with {where} timed out")
         if not reader.done:
             raise ClientGone("client went away during the WebSocket handshake")
         if isinstance(reader.error, ConnectionRejected):
             self.rejected = reader.error
             return None
         if reader.error is not None:
-            raise UpstreamProtocolError("invalid WebSocket handshake response from upstream")
-        raise UpstreamReset("upstream closed the connection during the WebSocket handshake")
+            raise UpstreamProtocolError(f"invalid WebSocket handshake response from {where}")
+        raise UpstreamReset(f"{where} closed the connection during the WebSocket handshake")
+
+    def reply_headers(self, upstream: WebSocketConnection) -> Headers:
+        """Headers of the upstream's 101 worth passing on (Set-Cookie...), plus X-Request-ID."""
+        out = [(n, v) for n, v in upstream.handshake_headers if n.lower() not in _NOT_IN_101]
+        return [*out, (b"X-Request-ID", self.x.request_id)]
 
     async def relay_refusal(self, exc: ConnectionRejected) -> None:
-        """The upstream's refusal as a plain response; the connection then closes (lingering)."""
+        """The upstream's refusal as a plain response; then the connection closes."""
         x, rec = self.x, self.x.record
         status, body = exc.status_code, exc.body or b""
-        framing = NO_BODY if status < 200 or status in (204, 304) else Framing("length", len(body))
+        framing = Framing("length", len(body))
+        if status < 200 or status in (204, 304):
+            body, framing = b"", NO_BODY
         headers = downstream_response_headers(
             list(exc.headers),
             request_id=x.request_id,
@@ -362,65 +380,12 @@ class _Session:
             close=True,
         )
         head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)), headers)
-        rec.status, rec.outcome = status, "websocket_refused"
-        rec.bytes_out = len(body) if framing is not NO_BODY else 0
-        x.head_sent = True
-        x.client.linger = True
+        rec.status, rec.outcome, rec.bytes_out = status, "websocket_refused", len(body)
+        x.head_sent = x.client.linger = True
         with contextlib.suppress(StreamBroken):
-            await x.client.stream.send_all(head + body if rec.bytes_out else head)
-
-    def reply_headers(self, upstream: WebSocketConnection) -> Headers:
-        """Headers of the upstream's 101 worth passing on (Set-Cookie...), plus X-Request-ID."""
-        out = [(n, v) for n, v in upstream.handshake_headers if n.lower() not in _NOT_IN_101]
-        out.append((b"X-Request-ID", self.x.request_id))
-        return out
+            await x.client.stream.send_all(head + body)
 
     # -- session -----------------------------------------------------------
-
-    async def run(self) -> None:
-        subprotocols = self.check_client()
-        rec, up = self.x.record, self.route.target
-        rec.upstream = f"{up.scheme}://{up.host_header}"
-        error: ProxyError | None = None
-        try:
-            async with trio.open_nursery() as readers:
-                try:
-                    await self.handshake(readers, subprotocols)
-                except ProxyError as exc:
-                    error = exc  # kept out of the nursery: it would wrap it in an ExceptionGroup
-                readers.cancel_scope.cancel()
-        finally:
-            if self.up_sock is not None:
-                self.up_sock.close()
-            if self.client_ws is not None and self.x.client.stream.sock.fileno() != -1:
-                # trio-websocket left the client socket open (the client closed first, or a
-                # message was too big and it stopped reading): close it gently, lingering.
-                self.x.client.linger = True
-        if error is not None:
-            raise error
-        if self.rejected is not None:
-            await self.relay_refusal(self.rejected)
-
-    async def handshake(self, readers: trio.Nursery, subprotocols: list[str]) -> None:
-        x, rec = self.x, self.x.record
-        client_reader, upstream_reader = _Reader(readers), _Reader(readers)
-        request = await self.parse_client(client_reader)
-        upstream_ws = await self.connect_upstream(upstream_reader, client_reader, subprotocols)
-        rec.ttfb = trio.current_time() - rec.started
-        if upstream_ws is None:
-            return
-        self.upstream_ws = upstream_ws
-        try:
-            self.client_ws = await request.accept(
-                subprotocol=upstream_ws.subprotocol, extra_headers=self.reply_headers(upstream_ws)
-            )
-        except ConnectionClosed:
-            rec.status, rec.outcome = ClientGone.status, "client_gone"
-            await _close(upstream_ws, GOING_AWAY, "client went away")
-            return
-        x.head_sent = True
-        rec.status = 101
-        await self.relay(self.client_ws, upstream_ws)
 
     async def relay(self, client_ws: WebSocketConnection, upstream_ws: WebSocketConnection) -> None:
         self.started = trio.current_time()
@@ -429,148 +394,135 @@ class _Session:
             nursery.start_soon(self.pump, client_ws, upstream_ws, 0)
             nursery.start_soon(self.pump, upstream_ws, client_ws, 1)
             nursery.start_soon(self.timers)
-            nursery.start_soon(self.drain_watch)
             if self.ws.ping_interval:
                 nursery.start_soon(self.keepalive, client_ws)
             await self.ended.wait()
-            # The pumps keep running meanwhile: a frame being written is finished (the close
-            # frame queues behind it), or cut with the connection when a close times out.
+            # The pumps keep running: a frame being written is finished (the close frame
+            # queues behind it), or cut with the connection if the close times out.
             async with trio.open_nursery() as closing:
                 closing.start_soon(_close, client_ws, *self.client_close)
                 closing.start_soon(_close, upstream_ws, *self.upstream_close)
             nursery.cancel_scope.cancel()
         self.log_session()
 
-    def finish(self, outcome: str, client: tuple[int, str], upstream: tuple[int, str]) -> None:
-        """The first ending wins: codes (and reasons) for each side, then close both."""
-        if self.ended.is_set():
-            return
-        self.outcome, self.client_close, self.upstream_close = outcome, client, upstream
-        if outcome == "websocket_upstream_lost":
-            self.x.record.error_kind = "reset"
-        self.ended.set()
+    def finish(self, outcome: str, client: Close, upstream: Close) -> None:
+        """The first ending wins: the code and reason for each side; then both close."""
+        if not self.ended.is_set():
+            self.outcome, self.client_close, self.upstream_close = outcome, client, upstream
+            if outcome == "websocket_upstream_lost":
+                self.x.record.error_kind = "reset"
+            self.ended.set()
 
     def closed_by(self, client_side: bool, reason: CloseReason | None) -> None:
         code = reason.code if reason is not None else 1006
         text = (reason.reason if reason is not None else None) or ""
-        if code in _ABNORMAL:  # no close frame: the peer vanished
-            if client_side:
-                self.finish("websocket_client_gone", (code, ""), (GOING_AWAY, "client went away"))
-            else:
-                lost = (INTERNAL_ERROR, "upstream connection lost")
-                self.finish("websocket_upstream_lost", lost, (code, ""))
-            return
-        passed = (1000 if code == 1005 else code, text)  # 1005: the close frame had no code
-        if client_side:
-            self.finish("websocket_closed", (code, text), passed)
+        if code in _ABNORMAL and client_side:
+            self.finish("websocket_client_gone", (code, ""), (GOING_AWAY, "client went away"))
+        elif code in _ABNORMAL:
+            lost = (INTERNAL, "upstream connection lost")
+            self.finish("websocket_upstream_lost", lost, (code, ""))
         else:
-            self.finish("websocket_closed", passed, (code, text))
+            own, passed = (code, text), (1000 if code == 1005 else code, text)  # 1005: no code
+            self.finish("websocket_closed", *((own, passed) if client_side else (passed, own)))
 
     async def pump(self, src: WebSocketConnection, dst: WebSocketConnection, way: int) -> None:
         """Messages from ``src`` to ``dst`` in order; ``way`` 0 is client -> upstream."""
-        inbound = way == 0
-        idle = self.timeouts.idle
         while True:
             try:
                 message = await src.get_message()
             except ConnectionClosed as exc:
-                self.closed_by(inbound, exc.reason)
+                self.closed_by(way == 0, exc.reason)
                 return
-            self.idle_deadline = trio.current_time() + idle
-            self.up_blocked = inbound
+            self.idle_deadline = trio.current_time() + self.timeouts.idle
+            if way == 0:
+                self.up_blocked = True
             try:
                 await dst.send_message(message)
             except ConnectionClosed:
-                return  # dst is closing: its own pump says why, after what it had queued
+                break  # dst is closing: its own pump says why, after what it had queued
             finally:
-                if inbound:
+                if way == 0:
                     self.up_blocked = False
             self.messages[way] += 1
-            self.sizes[way] += _text_size(message)
+            self.sizes[way] += _size(message)
+        # Keep reading (and dropping), so src's reader isn't stuck behind a full queue and
+        # can take part in the closing handshake.
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await src.get_message()
 
     async def timers(self) -> None:
-        lifetime = self.ws.max_lifetime
+        """Idle and lifetime deadlines, and graceful shutdown: registered like a keep-alive
+        wait (``start_draining`` cancels those), a drain closes the session with 1001 at once
+        instead of being held ``shutdown_grace`` by sessions that could last hours."""
+        state, lifetime = self.x.client.state, self.ws.max_lifetime
         end = self.started + lifetime if lifetime else math.inf
-        while True:
-            await trio.sleep_until(min(self.idle_deadline, end))
-            now = trio.current_time()
-            if now >= end:
-                why = (POLICY_VIOLATION, LIFETIME_REASON)
-                self.finish("websocket_lifetime_exceeded", why, why)
-                return
-            if now >= self.idle_deadline:
-                why = (GOING_AWAY, "idle timeout")
-                self.finish("websocket_idle_timeout", why, why)
-                return
+        with trio.CancelScope() as drain:
+            state.idle_waits.add(drain)
+            try:
+                while not state.draining:
+                    await trio.sleep_until(min(self.idle_deadline, end))
+                    now = trio.current_time()
+                    if now >= end:
+                        why = (POLICY, LIFETIME_REASON)
+                        self.finish("websocket_lifetime_exceeded", why, why)
+                        return
+                    if now >= self.idle_deadline:
+                        why = (GOING_AWAY, "idle timeout")
+                        self.finish("websocket_idle_timeout", why, why)
+                        return
+            finally:
+                state.idle_waits.discard(drain)
+        why = (GOING_AWAY, "server shutting down")
+        self.finish("websocket_shutdown", why, why)
 
     async def keepalive(self, ws: WebSocketConnection) -> None:
-        """Ping the client; no pong in time: it is presumed gone (1001 both ways).
+        """Ping the client; no pong within ``ping_timeout``: it is presumed gone (1001).
 
         A pong can't be read while the client -> upstream pump waits on a slow upstream
-        (trio-websocket's reader is then blocked behind a queued message): that is the
-        upstream's slowness, not a dead client, so such a timeout doesn't count.
+        (the reader is blocked behind a queued message): that is the upstream's slowness,
+        not a dead client, so such a timeout doesn't count.
         """
-        interval, timeout = self.ws.ping_interval, self.ws.ping_timeout
         while True:
-            await trio.sleep(interval)
-            with trio.move_on_after(timeout) as wait:
+            await trio.sleep(self.ws.ping_interval)
+            with trio.move_on_after(self.ws.ping_timeout) as wait:
                 try:
                     await ws.ping()
                 except ConnectionClosed:
-                    return  # the pumps report why
+                    return  # the pumps say why
             if wait.cancelled_caught and not self.up_blocked:
                 why = (GOING_AWAY, "ping timeout")
                 self.finish("websocket_ping_timeout", why, (GOING_AWAY, "client ping timeout"))
                 return
 
-    async def drain_watch(self) -> None:
-        """A graceful shutdown closes the session with 1001 at once.
-
-        Registered like a keep-alive wait (``start_draining`` cancels those), so the drain
-        doesn't wait ``shutdown_grace`` for sessions that could last hours.
-        """
-        state = self.x.client.state
-        with trio.CancelScope() as scope:
-            state.idle_waits.add(scope)
-            try:
-                if not state.draining:
-                    await trio.sleep_forever()
-            finally:
-                state.idle_waits.discard(scope)
-        why = (GOING_AWAY, "server shutting down")
-        self.finish("websocket_shutdown", why, why)
-
     def log_session(self) -> None:
         rec = self.x.record
         rec.bytes_in, rec.bytes_out = self.sizes
         rec.outcome = self.outcome
-        if not access_logger.isEnabledFor(logging.INFO):
-            return
-        line = {
-            "time": round(time.time(), 6),
-            "pid": os.getpid(),
-            "type": "websocket",
-            "request_id": rec.request_id,
-            "client": rec.client,
-            "route": rec.route,
-            "upstream": rec.upstream,
-            "duration_ms": round((trio.current_time() - rec.started) * 1000, 3),
-            "messages_in": self.messages[0],
-            "messages_out": self.messages[1],
-            "bytes_in": self.sizes[0],
-            "bytes_out": self.sizes[1],
-            "client_close_code": self.client_close[0],
-            "upstream_close_code": self.upstream_close[0],
-            "outcome": self.outcome,
-        }
-        access_logger.info(json.dumps(line, separators=(",", ":")))
+        if access_logger.isEnabledFor(logging.INFO):
+            line = {
+                "time": round(time.time(), 6),
+                "pid": os.getpid(),
+                "type": "websocket",
+                "request_id": rec.request_id,
+                "client": rec.client,
+                "route": rec.route,
+                "upstream": rec.upstream,
+                "duration_ms": round((trio.current_time() - rec.started) * 1000, 3),
+                "messages_in": self.messages[0],
+                "messages_out": self.messages[1],
+                "bytes_in": self.sizes[0],
+                "bytes_out": self.sizes[1],
+                "client_close_code": self.client_close[0],
+                "upstream_close_code": self.upstream_close[0],
+                "outcome": self.outcome,
+            }
+            access_logger.info(json.dumps(line, separators=(",", ":")))
 
 
 async def relay_websocket(
     exchange: Exchange, match: Match, query: bytes, admission: Admission
 ) -> None:
-    """Proxy one WebSocket session (see the module docstring).
-
-    Raises :class:`ProxyError` only before anything was sent to the client.
-    """
+    """Proxy one WebSocket session (see the module docstring). Raises :class:`ProxyError`
+    only before anything was sent to the client."""
     await _Session(exchange, match, query, admission).run()
