@@ -243,11 +243,16 @@ async def test_echo_text_and_binary_and_access_log(access_log: AccessLog) -> Non
                     await ws.send_message(message)
                     echoed = await ws.get_message()
                     assert echoed == message and type(echoed) is type(message)
+                burst = [f"m{i}" if i % 2 else b"m%d" % i for i in range(50)]
+                for message in burst:  # pipelined: all sent before any is read
+                    await ws.send_message(message)
+                assert [await ws.get_message() for _ in burst] == burst  # in order, typed
                 await ws.aclose(1000, "done")
             line = await access_log.session()
             nursery.cancel_scope.cancel()
-    assert line["messages_in"] == line["messages_out"] == 5
-    assert line["bytes_in"] == line["bytes_out"] == len("héllo".encode()) + 5 + 70000
+    assert line["messages_in"] == line["messages_out"] == 55
+    burst_bytes = sum(len(f"m{i}") for i in range(50))
+    assert line["bytes_in"] == line["bytes_out"] == len("héllo".encode()) + 5 + 70000 + burst_bytes
     assert (line["client_close_code"], line["upstream_close_code"]) == (1000, 1000)
     assert line["route"] == "/ws/" and line["request_id"] and line["duration_ms"] > 0
     (record,) = access_log.exchanges
