@@ -61,7 +61,7 @@ class Admission:
     drop: frozenset[bytes]
     #: Headers appended to the upstream request (identity, injected credential).
     extra: Headers = field(default_factory=list)
-    #: Rate-limit / identity key (for logs).
+    #: Who the caller is: the forward-auth identity, ``bearer:<secret index>``, or "".
     identity: str = ""
     #: Call when the exchange ends (frees a concurrent-stream slot).
     release: Callable[[], None] | None = None
@@ -127,16 +127,16 @@ class RouteGuard:
         admission = Admission(self.drop)
         key = client_ip
         if self.mode == "bearer":
-            key = self._bearer(headers)
+            key = admission.identity = self._bearer(headers)
         elif self.mode == "forward_auth":
             key = await self._forward_auth(method, path + query, headers, client_ip, admission)
+            admission.identity = key
         if not self.policy.is_empty:
             refusal = self.policy.check(method, path, query)
             if refusal is not None:
                 raise _refusal_error(refusal)
         if self.bucket is not None or self.streams is not None:
             rate_key = client_ip if self.rate_key == "client_ip" else key
-            admission.identity = rate_key
             self._rate_limit(rate_key, admission)
         if self.token is not None:
             try:
