@@ -100,7 +100,17 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def route_table(config: Config) -> str:
     """A plain-text table of the routes (no secrets: tokens are never read here)."""
-    rows = [("PREFIX", "UPSTREAM", "STRIP", "HOST", "TIMEOUTS (connect/response/idle/total)")]
+    rows = [
+        (
+            "PREFIX",
+            "UPSTREAM",
+            "STRIP",
+            "HOST",
+            "TIMEOUTS (connect/response/idle/total)",
+            "INBOUND",
+            "INJECT",
+        )
+    ]
     for route in sorted(config.routes, key=lambda r: r.prefix):
         t = config.timeouts_for(route)
         rows.append(
@@ -110,12 +120,24 @@ def route_table(config: Config) -> str:
                 "yes" if route.strip_prefix else "no",
                 "client" if route.preserve_host else "upstream",
                 f"{t.connect:g}/{t.response:g}/{t.idle:g}/{t.total:g}",
+                config.inbound_mode(route),
+                _inject_summary(route),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     listen = ", ".join(config.server.listen)
     return f"listen: {listen}\n" + "\n".join(line.rstrip() for line in lines)
+
+
+def _inject_summary(route: Route) -> str:
+    """The injected header with the token shown as ``***`` and where it comes from."""
+    inject = route.inject
+    if inject is None:
+        return "-"
+    scheme = f"{inject.scheme} " if inject.scheme else ""
+    source = f"env:{inject.token_env}" if inject.token_env else f"file:{inject.token_file}"
+    return f"{inject.header}:{scheme}***({source})"
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

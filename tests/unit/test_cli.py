@@ -128,8 +128,18 @@ def test_check_valid_toml_prints_the_route_table(
         "yes",
         "upstream",
         "3/60/3600/0",
+        "none",
+        "-",
     ]
-    assert rows["/raw/"] == ["/raw/", "https://other.test/", "no", "client", "3/60/5/0"]
+    assert rows["/raw/"] == [
+        "/raw/",
+        "https://other.test/",
+        "no",
+        "client",
+        "3/60/5/0",
+        "none",
+        "-",
+    ]
     assert lines[-1] == "config OK"
 
 
@@ -224,3 +234,19 @@ def test_demo_runs_end_to_end() -> None:
     assert "time to first byte" in result.stdout
     assert "done" in result.stdout
     assert "status 200" in result.stdout
+
+
+def test_check_shows_injection_with_the_token_hidden(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PC_CHECK_TOKEN", "sk-very-secret-value")
+    path = write(
+        tmp_path,
+        "inject.toml",
+        '[[routes]]\nprefix = "/a/"\nupstream = "https://api.test/"\n'
+        'inject = { header = "Authorization", scheme = "Bearer", token_env = "PC_CHECK_TOKEN" }\n',
+    )
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Authorization:Bearer ***(env:PC_CHECK_TOKEN)" in out
+    assert "sk-very-secret-value" not in out
