@@ -66,7 +66,7 @@ class DownstreamError(ProxyError):
 
 
 class BadRequest(DownstreamError):
-    pass
+    """A request the proxy refuses (400): target, framing, head or body."""
 
 
 class HeadTooLarge(DownstreamError):

@@ -57,27 +57,27 @@ def bulk_buffer(remaining: int, default: bytearray) -> bytearray:
 
 
 class PipeError(Exception):
-    pass
+    """Base of the pump failures; the exchange maps each to a side-specific proxy error."""
 
 
 class SourceFailed(PipeError):
-    pass
+    """The source failed to read, or ended before the body did."""
 
 
 class SinkFailed(PipeError):
-    pass
+    """Writing to the sink failed."""
 
 
 class FramingError(PipeError):
-    pass
+    """Malformed chunked framing in the body."""
 
 
 class IdleTimeout(PipeError):
-    pass
+    """No body bytes moved for the idle timeout."""
 
 
 class BodyTooLarge(PipeError):
-    pass
+    """The body's data grew past its limit (max_body_bytes)."""
 
 
 async def _send(dst: Stream, data: bytes | memoryview) -> None:

@@ -65,7 +65,7 @@ server_log.setLevel(logging.WARNING)
 
 
 class _BadRequest(Exception):
-    pass
+    """A query parameter out of range: answered 400."""
 
 
 # --------------------------------------------------------------------------- helpers
