@@ -25,6 +25,7 @@ _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_WS_SCHEMES = {"ws": "http", "wss": "https"}  # WebSocket routes: the same connection semantics
 _KIND_NAMES: dict[type, str] = {bool: "a boolean", int: "an integer", float: "a number"}
 _ENCODINGS = ("passthrough", "identity")
 
@@ -171,12 +172,17 @@ def _check_host(host: str) -> None:
         raise ValueError(f"invalid host {host!r}")
 
 
-def _parse_upstream(url: str) -> Upstream:
-    """Parse an upstream URL; raises ValueError whose message never echoes the URL."""
+def _parse_upstream(url: str, *, websocket: bool = False) -> Upstream:
+    """Parse an upstream URL; raises ValueError whose message never echoes the URL.
+
+    With ``websocket`` (a WebSocket route) ``ws://`` and ``wss://`` are accepted too and
+    mean ``http://`` and ``https://`` (the scheme of the returned :class:`Upstream`).
+    """
+    schemes = "http://, https://, ws:// or wss://" if websocket else "http:// or https://"
     if _bad_chars(url) or not url.isascii():
         raise ValueError("must be ASCII without whitespace or control characters")
     if "://" not in url:
-        raise ValueError("must be an absolute URL starting with http:// or https://")
+        raise ValueError(f"must be an absolute URL starting with {schemes}")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -185,8 +191,13 @@ def _parse_upstream(url: str) -> Upstream:
         raise ValueError(
             "port must be between 1 and 65535" if bad_port else "invalid URL"
         ) from None
-    if parts.scheme not in _DEFAULT_PORTS:
-        raise ValueError(f"scheme must be http or https, got {parts.scheme!r}")
+    scheme = parts.scheme
+    if websocket and scheme in _WS_SCHEMES:
+        scheme = _WS_SCHEMES[scheme]
+    elif scheme not in _DEFAULT_PORTS:
+        allowed = "http, https, ws or wss" if websocket else "http or https"
+        hint = " (ws and wss only on websocket routes)" if scheme in _WS_SCHEMES else ""
+        raise ValueError(f"scheme must be {allowed}, got {scheme!r}{hint}")
     if "@" in parts.netloc:
         raise ValueError("must not contain credentials (user:password@); use inject instead")
     if "?" in url or "#" in url:
@@ -199,7 +210,7 @@ def _parse_upstream(url: str) -> Upstream:
     path = parts.path or "/"
     if _has_dot_segment(path):
         raise ValueError("path must not contain '.' or '..' segments")
-    return Upstream(parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme], path)
+    return Upstream(scheme, parts.hostname, port or _DEFAULT_PORTS[scheme], path)
 
 
 def _prefix_problem(prefix: str) -> str | None:
@@ -209,6 +220,11 @@ def _prefix_problem(prefix: str) -> str | None:
         return f"must be ASCII without whitespace, control characters, '?' or '#', got {prefix!r}"
     if _has_dot_segment(prefix):
         return f"must not contain '.' or '..' segments (also percent-encoded), got {prefix!r}"
+    if any(c in prefix for c in "%;\\") or "//" in prefix:
+        return (
+            "is matched against the normalized, percent-decoded path: write it decoded, "
+            f"without '%', ';', '\\' or '//', got {prefix!r}"
+        )
     return None
 
 

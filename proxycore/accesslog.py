@@ -39,27 +39,30 @@ class ExchangeRecord:
     outcome: str = "complete"
     #: Upstream failure kind for metrics (connect, timeout, reset, protocol), or "".
     error_kind: str = ""
+    #: What went wrong in full (e.g. the upstream address a connect failed on), or "":
+    #: logged only, never sent to the client (``ProxyError.detail``).
+    detail: str = ""
 
     def as_json(self) -> str:
-        return json.dumps(
-            {
-                "time": round(time.time(), 6),
-                "pid": os.getpid(),
-                "request_id": self.request_id,
-                "client": self.client,
-                "method": self.method,
-                "path": self.path,
-                "route": self.route,
-                "upstream": self.upstream,
-                "status": self.status,
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-                "ttfb_ms": None if self.ttfb is None else round(self.ttfb * 1000, 3),
-                "duration_ms": round(self.duration * 1000, 3),
-                "outcome": self.outcome,
-            },
-            separators=(",", ":"),
-        )
+        line: dict[str, object] = {
+            "time": round(time.time(), 6),
+            "pid": os.getpid(),
+            "request_id": self.request_id,
+            "client": self.client,
+            "method": self.method,
+            "path": self.path,
+            "route": self.route,
+            "upstream": self.upstream,
+            "status": self.status,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "ttfb_ms": None if self.ttfb is None else round(self.ttfb * 1000, 3),
+            "duration_ms": round(self.duration * 1000, 3),
+            "outcome": self.outcome,
+        }
+        if self.detail:
+            line["detail"] = self.detail
+        return json.dumps(line, separators=(",", ":"))
 
 
 def log_exchange(record: ExchangeRecord) -> None:

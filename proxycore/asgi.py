@@ -63,6 +63,7 @@ from .headers import (
     Headers,
     connection_tokens,
     downstream_response_headers,
+    invalid_header_problem,
     request_framing,
     request_id_from,
     response_framing,
@@ -72,10 +73,12 @@ from .headers import (
 from .hooks import ExchangeInfo, Hooks, Summary
 from .hooks import Request as HookRequest
 from .pool import Origin, UpstreamConnection, open_connection
-from .router import Match, check_target
+from .request_head import check_head, client_address
+from .router import Match
 from .security import Admission
 from .state import ProxyState
 from .stream import StreamBroken
+from .target import parse_target
 
 __all__ = ["ProxyApp"]
 
@@ -155,6 +158,7 @@ class _Exchange:
         )
         self.info = ExchangeInfo("", "", rec.method, "", rec.client)
         self.request_id = b""
+        self.forwarded_for = rec.client.encode()
         self.head_sent = self.done = self.request_done = False
         self.first: Message | None = None  # a request body message read ahead
         self.max_body: int | None = None
@@ -171,8 +175,15 @@ class _Exchange:
         try:
             query = bytes(self.scope.get("query_string") or b"")
             raw = bytes(self.scope.get("raw_path") or self.scope["path"].encode("utf-8"))
-            path, query = check_target(raw + (b"?" + query if query else b""))
-            rec.path = self.info.path = path.decode("latin-1")
+            view = parse_target(raw + (b"?" + query if query else b""))
+            path, query = view.path, view.query
+            rec.path = self.info.path = path
+            check_head(self.headers)
+            address = client_address(
+                rec.client, self.headers, self.snapshot.config.server.trusted_networks
+            )
+            rec.client = self.info.client = address.ip
+            self.forwarded_for = address.forwarded_for
             framing = None
             if any(n.lower() in _FRAMED for n, _ in self.headers):
                 version = b"1.0" if self.scope.get("http_version") == "1.0" else b"1.1"
@@ -180,12 +191,12 @@ class _Exchange:
             expect = [v.strip().lower() for n, v in self.headers if n.lower() == b"expect"]
             if any(v != b"100-continue" for v in expect):  # hypercorn answers 100-continue
                 raise errors.ExpectationFailed("only 'Expect: 100-continue' is supported")
-            match = self.snapshot.router.match(path)
+            match = self.snapshot.router.match(view)
             if match is None:
                 raise errors.NoRoute(f"no route for path {rec.path!r}")
             rec.route = self.info.route = match.route.name
             guard = self.snapshot.security.guard(match.route)
-            admission = await guard.admit(self.method, path, query, self.headers, rec.client)
+            admission = await guard.admit(self.method, view, self.headers, rec.client)
             release, self.info.identity = admission.release, admission.identity
             self.max_body = guard.max_body_bytes
             if framing and self.max_body is not None and framing.length > self.max_body:
@@ -210,6 +221,18 @@ class _Exchange:
                 except Exception:
                     log.exception("hook on_exchange_end failed (request %s)", rec.request_id)
 
+    def _check_hook_headers(self, name: str, headers: object) -> None:
+        """Headers a hook set or changed must be safe to serialize; else a 500 (logged)."""
+        problem = invalid_header_problem(headers)
+        if problem is not None:
+            log.error(
+                "hook %s set an invalid header (request %s): %s",
+                name,
+                self.record.request_id,
+                problem,
+            )
+            raise errors.InternalError(f"the {name} hook set an invalid header")
+
     async def _call_hook(self, name: str, call: Awaitable[Any]) -> Any:
         try:
             return await call
@@ -217,21 +240,31 @@ class _Exchange:
             log.exception("hook %s failed (request %s)", name, self.record.request_id)
             raise errors.InternalError(f"the {name} hook failed") from None
 
-    async def _on_request(self, path: bytes, query: bytes) -> bool:
+    async def _on_request(self, path: str, query: bytes) -> bool:
         """Run ``on_request`` (the body is always streamed); True if it answered itself."""
         assert self.state.hooks.on_request is not None
         request = HookRequest(
             self.info,
             self.record.method,
-            path.decode("latin-1"),
+            path,
             query.decode("latin-1"),
             self.headers,
             None,
         )
         answer = await self._call_hook("on_request", self.state.hooks.on_request(request))
+        self._check_hook_headers("on_request", request.headers)
         self.headers = request.headers
         if answer is None:
             return False
+        self._check_hook_headers("on_request", answer.headers)
+        status: object = answer.status
+        if not isinstance(status, int) or not 200 <= status <= 599:
+            log.error(
+                "hook on_request answered with an invalid status (request %s): %r",
+                self.record.request_id,
+                status,
+            )
+            raise errors.InternalError("the on_request hook answered with an invalid status")
         headers = [(n, v) for n, v in answer.headers if n.lower() not in _FRAMED]
         headers += [
             (b"Content-Length", b"%d" % len(answer.body)),
@@ -265,7 +298,7 @@ class _Exchange:
         headers = upstream_request_headers(
             self.headers,
             host=host,
-            client_ip=self.record.client.encode(),
+            forwarded_for=self.forwarded_for,
             request_id=self.request_id,
             framing=framing,
             identity_encoding=route.accept_encoding == "identity",
@@ -295,16 +328,24 @@ class _Exchange:
         conn = self.state.pool.checkout(origin)
         if conn is not None:
             return conn
+        # The client learns which route failed; the upstream's address is for the log.
         _, host, port, _ = origin
+        where = f"the upstream of route {self.record.route!r}"
         with trio.move_on_after(connect_s):
             try:
                 return await open_connection(origin)
-            except (OSError, StreamBroken) as exc:
-                reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+            except OSError as exc:
                 raise errors.UpstreamConnectError(
-                    f"cannot connect to upstream {host}:{port}: {reason}"
+                    f"cannot connect to {where}: {errors.connect_reason(exc)}",
+                    detail=f"{host}:{port}: {exc.strerror or exc}",
                 ) from None
-        raise errors.UpstreamConnectTimeout(f"connecting to upstream {host}:{port} timed out")
+            except StreamBroken as exc:
+                raise errors.UpstreamConnectError(
+                    f"{where}: {errors.public_reason(str(exc))}", detail=f"{host}:{port}: {exc}"
+                ) from None
+        raise errors.UpstreamConnectTimeout(
+            f"connecting to {where} timed out", detail=f"{host}:{port}: connect timed out"
+        )
 
     async def _exchange(
         self, conn: UpstreamConnection, head: bytes, framing: Framing, timeouts: Timeouts
@@ -440,7 +481,8 @@ class _Exchange:
                         )
                     self.response_scope = None
                     return event, trailing
-        raise errors.UpstreamTimeout(f"no response head from upstream within {wait_s:g} s")
+        where = f"the upstream of route {self.record.route!r}"
+        raise errors.UpstreamTimeout(f"no response head from {where} within {wait_s:g} s")
 
     async def _upstream_side(self, conn: UpstreamConnection, timeouts: Timeouts) -> bool:
         """Relay the response; True if the upstream connection may be reused."""
@@ -451,6 +493,7 @@ class _Exchange:
         if self.state.hooks.on_response_head is not None:
             hook = self.state.hooks.on_response_head(self.info, status, up_headers)
             await self._call_hook("on_response_head", hook)
+            self._check_hook_headers("on_response_head", up_headers)
         framing = response_framing(self.method, status, up_headers)
         kind, remaining = framing.kind, framing.length
         reusable = response.http_version == b"1.1" and b"close" not in connection_tokens(up_headers)
@@ -527,6 +570,7 @@ class _Exchange:
     async def _fail(self, exc: errors.ProxyError) -> None:
         rec = self.record
         rec.outcome = exc.outcome
+        rec.detail = exc.detail
         if isinstance(exc, errors.UpstreamError):
             rec.error_kind = exc.kind
         if self.head_sent or isinstance(exc, errors.ClientGone):

@@ -2,7 +2,8 @@
 
 The proxy forwards chunked bodies raw. :class:`ChunkedScanner` only checks the framing, reports
 which byte runs of each read are chunk payload, and says where the body ends, so the bytes after
-it (the next pipelined message) stay unconsumed. It is at least as strict as h11 0.16.
+it (the next pipelined message) stay unconsumed. It is at least as strict as h11 0.16. It also
+says where the trailer section starts (``trailer_start``), so request trailers can be dropped.
 
 The scanner is a state machine with one state per position in the grammar, so a body may be split
 anywhere between calls; nothing is buffered except at most 18 bytes of a trailer field name::
@@ -84,6 +85,11 @@ class ChunkedScanner:
         self._max_trailer = max_trailer_bytes  # trailer section, including the final CRLF
         self.done: bool = False
         self.payload_bytes: int = 0
+        #: After each :meth:`feed`: the absolute offset into its data where this window's
+        #: trailer-section bytes begin (just past the last-chunk line), or the returned end
+        #: if the window holds none. ``data[start:trailer_start]`` is the body without its
+        #: trailers; a caller that drops trailers writes that, then ``b"\r\n"`` once done.
+        self.trailer_start: int = 0
         self._state = _SIZE
         self._offset = 0  # body bytes consumed by earlier calls (for error messages)
         self._digits = 0  # hex digits seen in the current size line
@@ -92,6 +98,12 @@ class ChunkedScanner:
         self._remaining = 0  # payload bytes still expected in the current chunk
         self._trailer = 0  # trailer section bytes seen
         self._name = bytearray()  # first _NAME_KEEP bytes of the current trailer field name
+
+    @property
+    def declared_bytes(self) -> int:
+        """Payload bytes seen plus those the current chunk's size line still promises: a
+        lower bound of the body's size, known before the data arrives (for size limits)."""
+        return self.payload_bytes + self._remaining
 
     def feed(
         self,
@@ -114,6 +126,7 @@ class ChunkedScanner:
         if self._state == _FAILED:
             raise ChunkedError("chunked body already rejected")
         if self.done:
+            self.trailer_start = start
             return start
         i = self._scan(data, start, end, spans)
         self._offset += i - start
@@ -132,6 +145,7 @@ class ChunkedScanner:
     ) -> int:
         base = self._offset - i  # body offset of data[k] is base + k
         state = self._state
+        trailer_start = i if state >= _TRAILER else -1
         while i < end:
             if state == _DATA:
                 n = min(self._remaining, end - i)
@@ -154,6 +168,8 @@ class ChunkedScanner:
                         self._size = int(m.group(1), 16)
                         i = m.end()
                         state = self._end_size_line()
+                        if state == _TRAILER:
+                            trailer_start = i
                         continue
                 k = _run(_HEX_RUN, data, i, end)
                 if k > i:
@@ -183,12 +199,15 @@ class ChunkedScanner:
                     raise self._fail("bare CR in chunk size line", base + i)
                 i += 1
                 state = self._end_size_line()
+                if state == _TRAILER:
+                    trailer_start = i
             else:
                 i, state = self._scan_trailer(data, i, end, base, state)
                 if state == _DONE:
                     self.done = True
                     break
         self._state = state
+        self.trailer_start = i if trailer_start < 0 else trailer_start
         return i
 
     def _size_line_bytes(self, k: int, i: int, base: int) -> int:

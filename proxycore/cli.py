@@ -8,17 +8,17 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
 from . import loadtest_cli
 from .accesslog import configure_logging
-from .config import AdminSettings, Config, ConfigError, Route, ServerSettings
+from .config import AdminSettings, Config, ConfigError, Route
 from .secrets import SecretError, check_secret, generate_secret
 from .server import Server
 
-__all__ = ["load_config", "main", "route_table"]
+__all__ = ["load_config", "main", "route_table", "with_listen"]
 
 EXIT_CONFIG = 2
 
@@ -32,7 +32,8 @@ def _add_source_args(p: argparse.ArgumentParser, *, allow_upstream: bool) -> Non
         p.add_argument(
             "--listen",
             metavar="HOST:PORT",
-            help="listen address (with --upstream; default 127.0.0.1:8080)",
+            help="listen address, replacing the config's server.listen "
+            "(default with --upstream: 127.0.0.1:8080)",
         )
 
 
@@ -86,16 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    """The config the arguments name. Raises ConfigError."""
+    """The config the arguments name, with ``--listen`` applied. Raises ConfigError."""
     if getattr(args, "upstream", None):
-        listen = args.listen or "127.0.0.1:8080"
-        return Config(
-            routes=(Route(prefix="/", upstream=args.upstream),),
-            server=ServerSettings(listen=(listen,)),
-        )
-    if args.routes:
-        return Config.from_legacy_json(args.routes)
-    return Config.from_toml(args.config)
+        config = Config(routes=(Route(prefix="/", upstream=args.upstream),))
+    elif args.routes:
+        config = Config.from_legacy_json(args.routes)
+    else:
+        config = Config.from_toml(args.config)
+    listen = getattr(args, "listen", None)
+    return config if listen is None else with_listen(config, listen)
+
+
+def with_listen(config: Config, listen: str) -> Config:
+    """``config`` listening on ``listen`` only (``--listen``). Raises ConfigError."""
+    try:
+        server = dataclasses.replace(config.server, listen=(listen,))
+    except ConfigError as exc:
+        raise ConfigError(f"--listen: {p.partition(': ')[2]}" for p in exc.problems) from None
+    return dataclasses.replace(config, server=server)
 
 
 def route_table(config: Config) -> str:
@@ -171,7 +180,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         with pid_file(args.pid_file):
             return supervise(args, config, workers)
     source = args.config or args.routes
-    adjust = None
+    adjust: Callable[[Config], Config] | None = None
+    if args.listen is not None and not worker:
+        listen_arg: str = args.listen
+
+        def adjust(c: Config) -> Config:  # a reload keeps --listen
+            return with_listen(c, listen_arg)
+
     if worker:
         listen = tuple(args.listen_override.split(","))
 

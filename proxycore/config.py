@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import json
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from ._validate import (
     _D,
@@ -56,6 +57,8 @@ __all__ = [
     "Upstream",
     "WebSocketSettings",
 ]
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # --------------------------------------------------------------------------- dataclasses
 
@@ -149,7 +152,8 @@ class RateLimit:
 class Inbound:
     """Who may call the proxy: ``none``, ``bearer`` (secrets in ``secret_file``) or
     ``forward_auth`` (ask ``url``; copy ``identity_headers`` of its answer, auth-service name ->
-    upstream name, onto the request)."""
+    upstream name, onto the request). Decisions are cached ``cache_seconds``; one on a request
+    without credentials only with ``cache_anonymous``."""
 
     mode: str = "none"
     secret_file: str | None = None
@@ -157,6 +161,7 @@ class Inbound:
     identity_headers: tuple[tuple[str, str], ...] = ()
     login_url: str | None = None
     cache_seconds: float = 0.0
+    cache_anonymous: bool = False
     timeout: float = 5.0
 
     def __post_init__(self) -> None:
@@ -192,6 +197,7 @@ class Inbound:
         if login is not None and not login:
             p.add("login_url", "must be a non-empty URL or path")
         _number(p, self, "cache_seconds", zero_ok=True)
+        _typed(p, self, "cache_anonymous", bool)
         _number(p, self, "timeout", zero_ok=False)
         p.check()
 
@@ -271,6 +277,10 @@ class Route:
     websocket: bool = False
     ws: WebSocketSettings = WebSocketSettings()
     sse: SSESettings = SSESettings()
+    #: Keep ``%2F`` / ``%5C`` in paths (else 400); the upstream must not decode them.
+    allow_encoded_slashes: bool = False
+    #: Forward ``//a///b`` as ``/a/b`` (decisions always see the merged path).
+    merge_slashes: bool = True
     target: Upstream = field(init=False)
 
     def __post_init__(self) -> None:
@@ -282,7 +292,7 @@ class Route:
         target = None
         if upstream is not None:
             try:
-                target = _parse_upstream(upstream)
+                target = _parse_upstream(upstream, websocket=self.websocket is True)
             except ValueError as exc:
                 p.add("upstream", str(exc))
         _typed(p, self, "strip_prefix", bool)
@@ -316,6 +326,8 @@ class Route:
         _typed(p, self, "websocket", bool)
         _instance(p, self, "ws", WebSocketSettings)
         _instance(p, self, "sse", SSESettings)
+        _typed(p, self, "allow_encoded_slashes", bool)
+        _typed(p, self, "merge_slashes", bool)
         p.check()
         if not self.name:
             object.__setattr__(self, "name", self.prefix)
@@ -335,6 +347,9 @@ class ServerSettings:
     allow_public: bool = False
     shutdown_grace: float = 30.0
     workers: int = 1
+    #: CIDRs of proxies in front of this one: only they may supply ``X-Forwarded-For``.
+    trusted_proxies: tuple[str, ...] = ()
+    trusted_networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         p = _Problems()
@@ -364,7 +379,18 @@ class ServerSettings:
         _typed(p, self, "allow_public", bool)
         _number(p, self, "shutdown_grace", zero_ok=True)
         _integer(p, self, "workers", 0, 1024)
+        networks: list[IPNetwork] = []
+        if _string_tuple(p, self, "trusted_proxies"):
+            for index, cidr in enumerate(self.trusted_proxies):
+                try:
+                    networks.append(ipaddress.ip_network(cidr, strict=False))
+                except ValueError:
+                    p.add(
+                        f"trusted_proxies[{index}]",
+                        f"must be an IP address or CIDR such as '10.0.0.0/8', got {cidr!r}",
+                    )
         p.check()
+        object.__setattr__(self, "trusted_networks", tuple(networks))
 
     @property
     def listen_addresses(self) -> tuple[tuple[str, int], ...]:

@@ -13,7 +13,6 @@ passed on; the client gets a generic reason.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import socket
@@ -212,14 +211,18 @@ class ClientConnection:
             outcome=exc.outcome,
             started=trio.current_time(),
         )
-        log_exchange(record)
-        self.state.metrics.observe(record)
-        await self.send_error(exc, rid.encode(), True, method)
+        try:
+            record.bytes_out = await self.send_error(exc, rid.encode(), True, method)
+        finally:
+            log_exchange(record)
+            self.state.metrics.observe(record)
 
     async def send_error(
         self, exc: ProxyError, request_id: bytes, close: bool, method: bytes = b""
-    ) -> None:
-        """Write a proxy-made JSON error response. Errors while writing are ignored."""
+    ) -> int:
+        """Write a proxy-made JSON error response. Errors while writing are ignored.
+
+        Returns the body bytes written (0 for HEAD or a failed write), for the access log."""
         body = error_body(exc.type, exc.message, request_id.decode("ascii"))
         headers = [
             (b"Content-Type", b"application/json"),
@@ -233,8 +236,13 @@ class ClientConnection:
         self.linger = close
         reason = reason_phrase(exc.status)
         head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (exc.status, reason), headers)
-        with contextlib.suppress(StreamBroken):
-            await self.stream.send_all(head if method == b"HEAD" else head + body)
+        if method == b"HEAD":
+            body = b""
+        try:
+            await self.stream.send_all(head + body)
+        except StreamBroken:
+            return 0
+        return len(body)
 
     @property
     def raw_head(self) -> bytes:

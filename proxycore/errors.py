@@ -11,6 +11,8 @@ Pure module: no trio, no sockets.
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import ClassVar
 
 __all__ = [
@@ -38,7 +40,9 @@ __all__ = [
     "UpstreamReset",
     "UpstreamStatus",
     "UpstreamTimeout",
+    "connect_reason",
     "error_body",
+    "public_reason",
 ]
 
 
@@ -50,11 +54,20 @@ class ProxyError(Exception):
     #: Short word for logs and the access log's ``outcome`` field.
     outcome: ClassVar[str] = "error"
 
-    def __init__(self, message: str, *, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        detail: str = "",
+    ) -> None:
         super().__init__(message)
         self.message = message
         #: Extra response headers (``Allow``, ``Retry-After``, ``WWW-Authenticate``...).
         self.headers: list[tuple[bytes, bytes]] = headers or []
+        #: For the access log only, never the client: where it failed (upstream host and
+        #: port) and the full reason.
+        self.detail = detail
 
 
 class DownstreamError(ProxyError):
@@ -142,6 +155,26 @@ class UpstreamTimeout(UpstreamError):
     type = "upstream_timeout"
     outcome = "upstream_timeout"
     kind = "timeout"
+
+
+def connect_reason(exc: OSError) -> str:
+    """Why a connect failed, fit for a client: the errno's text, never ``strerror``
+    (which may name the host, as in "no address for <host>")."""
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
+    if exc.errno is not None and exc.strerror:  # getaddrinfo (EAI_*): fixed texts
+        return exc.strerror
+    return "connection failed"
+
+
+_QUOTED = re.compile(r"(?:\s+for)?\s*(?:'[^']*'|\"[^\"]*\")")
+
+
+def public_reason(reason: str) -> str:
+    """``reason`` without the names it quotes (host names, addresses), for a client:
+    "Hostname mismatch, certificate is not valid for 'h'." -> "..., certificate is not valid."
+    """
+    return _QUOTED.sub("", reason)
 
 
 def error_body(status_type: str, message: str, request_id: str) -> bytes:

@@ -41,6 +41,7 @@ from .errors import (
     DownstreamTimeout,
     ExpectationFailed,
     InternalError,
+    MethodNotAllowed,
     NoRoute,
     PayloadTooLarge,
     ProxyError,
@@ -51,6 +52,8 @@ from .errors import (
     UpstreamReset,
     UpstreamStatus,
     UpstreamTimeout,
+    connect_reason,
+    public_reason,
 )
 from .headers import (
     CHUNKED,
@@ -60,6 +63,7 @@ from .headers import (
     Headers,
     connection_tokens,
     downstream_response_headers,
+    invalid_header_problem,
     reason_phrase,
     request_framing,
     request_id_from,
@@ -83,10 +87,12 @@ from .pipe import (
     pump_until_close,
 )
 from .pool import Origin, UpstreamConnection, open_connection
-from .router import Match, check_target
+from .request_head import check_head, client_address
+from .router import Match
 from .sse import SSEEvent, SSEParser, error_event, is_event_stream
 from .sse_relay import SSERelay
 from .stream import StreamBroken, TLSStream
+from .target import TargetView, parse_target
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -174,6 +180,9 @@ class Exchange:
             started=trio.current_time(),
         )
         self.request_id = b""
+        #: Set by ``_preflight``: the client address decisions use, and X-Forwarded-For.
+        self.client_ip = client.peer_ip
+        self.forwarded_for = client.peer_ip.encode()
         self.head_sent = False
         self.request_done = False
         self.close_client = not self.client_11
@@ -211,8 +220,8 @@ class Exchange:
         state.exchanges_in_flight += 1
         release: Callable[[], None] | None = None
         try:
-            path, query = check_target(self.request.target)
-            rec.path = self.info.path = path.decode("latin-1")
+            view = self._preflight()
+            path, query = view.path, view.query
             framing = request_framing(self.headers, self.request.http_version)
             self._split_body_start(framing)
             tokens = connection_tokens(self.headers)
@@ -220,33 +229,36 @@ class Exchange:
                 self.close_client = True
             upgrade = b"upgrade" in tokens and self._has(b"upgrade")
             expect_continue = self._expect_continue(framing)
-            match = self.snapshot.router.match(path)
+            match = self.snapshot.router.match(view)
             if match is None:
                 raise NoRoute(f"no route for path {rec.path!r}")
             rec.route = match.route.name
             self.route = match.route
             self._sse_errors = match.route.sse.errors and self._accepts_event_stream()
             guard = self.snapshot.security.guard(match.route)
-            admission = await guard.admit(
-                self.method, path, query, self.headers, self.client.peer_ip
-            )
+            admission = await guard.admit(self.method, view, self.headers, self.client_ip)
             release = admission.release
             self.info.route, self.info.identity = rec.route, admission.identity
             limit = guard.max_body_bytes
             if limit is not None:
                 self._max_body = limit
-                size = framing.length if framing.kind == "length" else self._scanner.payload_bytes
+                size = framing.length if framing.kind == "length" else self._scanner.declared_bytes
                 if size > limit:
                     raise PayloadTooLarge(f"request body larger than {limit} bytes")
             if upgrade:
                 if not match.route.websocket or not self._is_websocket_upgrade():
                     raise BadRequest("protocol upgrades are not enabled on this route")
+                # An upgrade is done with the connection: after its session, or after
+                # the hook's answer in its place.
+                self.close_client = True
+            # The hook runs for upgrades as for any request: its answer (the upgrade never
+            # happens) or its headers (the upstream handshake's).
+            if self.hooks.on_request is not None and await self._on_request(path, query):
+                return not self.close_client
+            if upgrade:
                 from .websocket import relay_websocket
 
-                self.close_client = True  # after a WebSocket session the connection is done
                 await relay_websocket(self, match, query, admission)
-                return not self.close_client
-            if self.hooks.on_request is not None and await self._on_request(path, query):
                 return not self.close_client
             await self._forward(match, query, framing, expect_continue, admission)
         except ProxyError as exc:
@@ -264,6 +276,25 @@ class Exchange:
                 await self._on_exchange_end()
         return not self.close_client
 
+    def _preflight(self) -> TargetView:
+        """The one view of the request every decision uses: the normalized target, the
+        checked head (singleton fields, Host) and the client address."""
+        if self.method == b"CONNECT" and not self.request.target.startswith(b"/"):
+            self.close_client = True  # an authority-form target: nothing after it is ours
+            raise MethodNotAllowed(
+                "CONNECT is not allowed: this is a reverse proxy",
+                headers=[(b"Allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")],
+            )
+        view = parse_target(self.request.target)
+        self.record.path = self.info.path = view.path
+        check_head(self.headers)
+        address = client_address(
+            self.client.peer_ip, self.headers, self.snapshot.config.server.trusted_networks
+        )
+        self.client_ip = self.record.client = self.info.client = address.ip
+        self.forwarded_for = address.forwarded_for
+        return view
+
     # -- hooks, SSE tap ------------------------------------------------------
 
     def _accepts_event_stream(self) -> bool:
@@ -279,22 +310,43 @@ class Exchange:
             log.exception("hook %s failed (request %s)", name, self.record.request_id)
             raise InternalError(f"the {name} hook failed") from None
 
-    async def _on_request(self, path: bytes, query: bytes) -> bool:
+    def _check_hook_headers(self, name: str, headers: object) -> None:
+        """Headers a hook set or changed must be safe to serialize; else a 500 (logged)."""
+        problem = invalid_header_problem(headers)
+        if problem is not None:
+            log.error(
+                "hook %s set an invalid header (request %s): %s",
+                name,
+                self.record.request_id,
+                problem,
+            )
+            raise InternalError(f"the {name} hook set an invalid header")
+
+    async def _on_request(self, path: str, query: bytes) -> bool:
         """Run ``on_request``; True if it answered the client itself."""
         assert self.hooks.on_request is not None
         request = HookRequest(
             exchange=self.info,
             method=self.record.method,
-            path=path.decode("latin-1"),
+            path=path,
             query=query.decode("latin-1"),
             headers=self.headers,
             body=self._decoded_body() if self.request_done else None,
         )
         answer = await self._call_hook("on_request", self.hooks.on_request(request))
+        self._check_hook_headers("on_request", request.headers)
         self.headers = request.headers
         if answer is None:
             return False
-        self.record.status = answer.status
+        self._check_hook_headers("on_request", answer.headers)
+        status: object = answer.status
+        if not isinstance(status, int) or not 200 <= status <= 599:
+            log.error(
+                "hook on_request answered with an invalid status (request %s): %r",
+                self.record.request_id,
+                status,
+            )
+            raise InternalError("the on_request hook answered with an invalid status")
         self.record.outcome = "answered_by_hook"
         headers = [(n, v) for n, v in answer.headers if n.lower() not in _FRAMING_NAMES]
         headers += [
@@ -307,7 +359,7 @@ class Exchange:
             headers.append((b"Connection", b"close"))
         start = b"HTTP/1.1 %d %s\r\n" % (answer.status, reason_phrase(answer.status))
         body = b"" if self.method == b"HEAD" else answer.body
-        await self._send_head(serialize_head(start, headers) + body)
+        await self._send_head(serialize_head(start, headers) + body, answer.status)
         self.record.bytes_out = len(body)
         return True
 
@@ -389,9 +441,12 @@ class Exchange:
                 end = self._scanner.feed(data)
             except ChunkedError:
                 raise BadRequest("malformed chunked request body") from None
-            self.body_start = data[:end]
-            self.client.pending = data[end:]
+            # Request trailers are dropped (validated, never forwarded): a trailer field
+            # could carry a header the proxy strips or owns (identity, credentials, ...).
+            keep = self._scanner.trailer_start
             self.request_done = self._scanner.done
+            self.body_start = data[:keep] + b"\r\n" if self.request_done else data[:keep]
+            self.client.pending = data[end:]
         else:
             self.body_start = b""
             self.client.pending = data
@@ -418,7 +473,7 @@ class Exchange:
         headers = upstream_request_headers(
             self.headers,
             host=self._host_header(route.preserve_host, up.host_header),
-            client_ip=self.client.peer_ip.encode(),
+            forwarded_for=self.forwarded_for,
             request_id=self.request_id,
             framing=framing,
             identity_encoding=route.accept_encoding == "identity",
@@ -434,7 +489,10 @@ class Exchange:
         with trio.CancelScope(deadline=self.record.started + timeouts.total) as total:
             await self._attempts(origin, head, framing, expect_continue, timeouts)
         if total.cancelled_caught:
-            raise UpstreamTimeout(f"exchange exceeded the total timeout ({timeouts.total:g} s)")
+            raise UpstreamTimeout(
+                f"exchange exceeded the total timeout of route {route.name!r} "
+                f"({timeouts.total:g} s)"
+            )
 
     async def _attempts(
         self,
@@ -472,18 +530,24 @@ class Exchange:
         conn = pool.checkout(origin)
         if conn is not None:
             return conn
+        # The client learns which route failed; the upstream's address is for the log.
         _, host, port, _ = origin
+        where = f"the upstream of route {self.record.route!r}"
         with trio.move_on_after(connect_s):
             try:
                 return await open_connection(origin)
             except OSError as exc:
-                reason = exc.strerror or str(exc)
                 raise UpstreamConnectError(
-                    f"cannot connect to upstream {host}:{port}: {reason}"
+                    f"cannot connect to {where}: {connect_reason(exc)}",
+                    detail=f"{host}:{port}: {exc.strerror or exc}",
                 ) from None
             except StreamBroken as exc:
-                raise UpstreamConnectError(f"upstream {host}:{port}: {exc}") from None
-        raise UpstreamConnectTimeout(f"connecting to upstream {host}:{port} timed out")
+                raise UpstreamConnectError(
+                    f"{where}: {public_reason(str(exc))}", detail=f"{host}:{port}: {exc}"
+                ) from None
+        raise UpstreamConnectTimeout(
+            f"connecting to {where} timed out", detail=f"{host}:{port}: connect timed out"
+        )
 
     async def _exchange(
         self,
@@ -553,23 +617,29 @@ class Exchange:
                         self._scanner,
                         idle,
                         max_payload=self._max_body,
+                        drop_trailers=True,
                     )
                 self.record.bytes_in += moved
                 self.request_done = True
                 self._start_response_timer()
-        except SourceFailed:
+        except SourceFailed as exc:
+            self.record.bytes_in += exc.moved
             self._abort(ClientGone("client went away during the request body"))
             return
-        except FramingError:
+        except FramingError as exc:
+            self.record.bytes_in += exc.moved
             self._abort(BadRequest("malformed chunked request body"))
             return
-        except BodyTooLarge:
+        except BodyTooLarge as exc:
+            self.record.bytes_in += exc.moved
             self._abort(PayloadTooLarge(f"request body larger than {self._max_body} bytes"))
             return
-        except IdleTimeout:
+        except IdleTimeout as exc:
+            self.record.bytes_in += exc.moved
             self._abort(DownstreamTimeout(f"request body stalled for {idle:g} s"))
             return
-        except SinkFailed:
+        except SinkFailed as exc:
+            self.record.bytes_in += exc.moved
             # The upstream stopped reading; its response (or failure) decides.
             return
         if not client.pending and await client.wait_closed():
@@ -655,7 +725,8 @@ class Exchange:
                     raise UpstreamProtocolError("upstream response has too many header fields")
                 self._response_scope = None
                 return event, trailing
-        raise UpstreamTimeout(f"no response head from upstream within {wait_s:g} s")
+        where = f"the upstream of route {self.record.route!r}"
+        raise UpstreamTimeout(f"no response head from {where} within {wait_s:g} s")
 
     async def _interim(self, event: h11.InformationalResponse, count: int) -> None:
         if count > MAX_INTERIM_RESPONSES:
@@ -678,12 +749,12 @@ class Exchange:
     async def _upstream_side(self, conn: UpstreamConnection, timeouts: Timeouts) -> bool:
         """Relay the response; return True if the upstream connection may be reused."""
         response, trailing = await self._read_response_head(conn, timeouts.response)
-        status = response.status_code
-        self.record.status = status
+        status = response.status_code  # recorded when the head goes to the client
         up_headers: Headers = list(response.headers.raw_items())
         if self.hooks.on_response_head is not None:
             hook = self.hooks.on_response_head(self.info, status, up_headers)
             await self._call_hook("on_response_head", hook)
+            self._check_hook_headers("on_response_head", up_headers)
         up_framing = response_framing(self.method, status, up_headers)
         reusable = response.http_version == b"1.1" and b"close" not in connection_tokens(up_headers)
         kind = up_framing.kind
@@ -698,8 +769,6 @@ class Exchange:
             self.close_client = True
         if kind == "close":
             reusable = False
-        elif kind == "chunked" and any(n.lower() == b"content-length" for n, _ in up_headers):
-            reusable = False  # Transfer-Encoding wins, but never trust this connection again
         if self._sse_errors and not 200 <= status < 300:
             raise UpstreamStatus(f"upstream answered {status}", upstream_status=status)
         if kind != "none" and _is_sse(up_headers):
@@ -708,7 +777,9 @@ class Exchange:
             if route is not None and (route.sse.enabled or self.hooks.on_sse_event is not None):
                 reason = response.reason or reason_phrase(status)
                 start = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-                ok = await self._relay_sse(conn, start, up_headers, up_framing, trailing, timeouts)
+                ok = await self._relay_sse(
+                    conn, start, status, up_headers, up_framing, trailing, timeouts
+                )
                 return reusable and ok
         headers = downstream_response_headers(
             up_headers,
@@ -720,41 +791,48 @@ class Exchange:
         reason = response.reason or reason_phrase(status)
         head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (status, reason), headers)
         up, down, buf, idle = conn.stream, self.client.stream, self.client.wbuf, timeouts.idle
+        # bytes_out: the body bytes written so far, also when a pump fails (exc.moved).
         try:
             if kind == "none":
-                await self._send_head(head)
+                await self._send_head(head, status)
                 return reusable and not trailing
             if kind == "length":
                 first = trailing[: up_framing.length]
-                await self._send_head(head + first)
+                await self._send_head(head + first, status)
+                self.record.bytes_out = len(first)
                 rest = up_framing.length - len(first)
-                moved = 0
                 if rest:
                     self._watch_client()
                     moved = await pump_length(up, down, bulk_buffer(rest, buf), rest, idle)
-                self.record.bytes_out = len(first) + moved
+                    self.record.bytes_out += moved
                 return reusable and len(trailing) == len(first)
             if kind == "chunked":
-                return reusable and await self._relay_chunked(head, trailing, conn, idle)
+                ok = await self._relay_chunked(head, status, trailing, conn, idle)
+                return reusable and ok
             first = trailing
             if out is CHUNKED and first:
                 first = encode_chunk_header(len(first)) + first + b"\r\n"
-            await self._send_head(head + first)
+            await self._send_head(head + first, status)
+            self.record.bytes_out = len(first)
             self._watch_client()
             moved = await pump_until_close(up, down, buf, idle, chunk_encode=out is CHUNKED)
-            self.record.bytes_out = len(first) + moved
+            self.record.bytes_out += moved
             return False
         except SourceFailed as exc:
+            self.record.bytes_out += exc.moved
             raise UpstreamReset(f"upstream failed mid-body: {exc}") from None
-        except SinkFailed:
+        except SinkFailed as exc:
+            self.record.bytes_out += exc.moved
             raise ClientGone("client went away during the response") from None
-        except FramingError:
+        except FramingError as exc:
+            self.record.bytes_out += exc.moved
             raise UpstreamProtocolError("malformed chunked body from upstream") from None
-        except IdleTimeout:
+        except IdleTimeout as exc:
+            self.record.bytes_out += exc.moved
             raise UpstreamTimeout(f"response body idle for {idle:g} s") from None
 
     async def _relay_chunked(
-        self, head: bytes, trailing: bytes, conn: UpstreamConnection, idle: float
+        self, head: bytes, status: int, trailing: bytes, conn: UpstreamConnection, idle: float
     ) -> bool:
         scanner = ChunkedScanner()
         spans: list[tuple[int, int]] = []
@@ -763,22 +841,23 @@ class Exchange:
         except ChunkedError:
             raise FramingError("bad chunk") from None
         first = trailing[:end] if self.client_11 else b"".join(trailing[s:e] for s, e in spans)
-        await self._send_head(head + first)
+        await self._send_head(head + first, status)
+        self.record.bytes_out = len(first)
         leftover = trailing[end:]
-        moved = 0
         if not scanner.done:
             self._watch_client()
             pump = pump_chunked if self.client_11 else pump_chunked_decoded
             moved, leftover = await pump(
                 conn.stream, self.client.stream, self.client.wbuf, scanner, idle
             )
-        self.record.bytes_out = len(first) + moved
+            self.record.bytes_out += moved
         return not leftover
 
     async def _relay_sse(
         self,
         conn: UpstreamConnection,
         start: bytes,
+        status: int,
         up_headers: Headers,
         up_framing: Framing,
         trailing: bytes,
@@ -797,7 +876,7 @@ class Exchange:
             keep_length=False,
             close=self.close_client,
         )
-        await self._send_head(serialize_head(start, headers))
+        await self._send_head(serialize_head(start, headers), status)
         self._watch_client()
         tap = self._tap = SSEParser(max_bytes=sse.transcript_max_bytes)
         relay = SSERelay(
@@ -853,8 +932,7 @@ class Exchange:
             self.close_client = True
         if self.close_client:
             headers.append((b"Connection", b"close"))
-        self.record.status = 200
-        await self._send_head(serialize_head(b"HTTP/1.1 200 OK\r\n", headers) + body)
+        await self._send_head(serialize_head(b"HTTP/1.1 200 OK\r\n", headers) + body, 200)
         self.record.bytes_out = len(body)
 
     # -- client ------------------------------------------------------------
@@ -865,13 +943,17 @@ class Exchange:
         except StreamBroken:
             raise ClientGone("client went away") from None
 
-    async def _send_head(self, data: bytes) -> None:
+    async def _send_head(self, data: bytes, status: int) -> None:
+        """Write the response head (and any body bytes in hand); the access log's status
+        is set here, so it is always the one the client was sent."""
         self.head_sent = True
+        self.record.status = status
         await self._send_client(data)
 
     async def _fail(self, exc: ProxyError) -> None:
         rec = self.record
         rec.outcome = exc.outcome
+        rec.detail = exc.detail
         if isinstance(exc, UpstreamError):
             rec.error_kind = exc.kind
         if self.head_sent or isinstance(exc, ClientGone):
@@ -891,4 +973,6 @@ class Exchange:
         rec.status = exc.status
         if isinstance(exc, DownstreamError) or not self.request_done:
             self.close_client = True
-        await self.client.send_error(exc, self.request_id, self.close_client, self.method)
+        rec.bytes_out = await self.client.send_error(
+            exc, self.request_id, self.close_client, self.method
+        )

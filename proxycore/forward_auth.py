@@ -8,8 +8,10 @@ headers listed in ``identity_headers``; 401/403 refuse it; anything else
 with 503.
 
 Decisions can be cached for ``cache_seconds``, keyed by a SHA-256 of the
-credentials with the method, host and URI (never the credentials
-themselves), in a bounded dict; "could not decide" is never cached.
+exact header list sent to the service (credentials, client address, method,
+host and URI; never the credentials themselves), in a bounded dict. "Could
+not decide" is never cached, nor (unless ``cache_anonymous``) the decision on
+a request that carried no credential (no Cookie, no Authorization).
 """
 
 from __future__ import annotations
@@ -52,6 +54,22 @@ class Decision:
 
 UNDECIDED: Final = Decision(0)
 
+#: Headers of the auth request that carry the caller's credentials.
+CREDENTIAL_HEADERS: Final = frozenset({b"cookie", b"authorization"})
+
+
+def _has_credential(request: Headers) -> bool:
+    return any(name.lower() in CREDENTIAL_HEADERS for name, _ in request)
+
+
+def _cache_key(request: Headers) -> bytes:
+    """SHA-256 of the whole auth request head (every name and value, length-prefixed):
+    whatever the service may decide on is in the key, and the credentials are not kept."""
+    digest = hashlib.sha256()
+    for name, value in request:
+        digest.update(b"%d:%s%d:%s" % (len(name), name, len(value), value))
+    return digest.digest()
+
 
 class ForwardAuth:
     def __init__(self, settings: Inbound, pool: Pool) -> None:
@@ -62,6 +80,7 @@ class ForwardAuth:
         self._target = target.base_path.encode()
         self._timeout = settings.timeout
         self._cache_s = settings.cache_seconds
+        self._cache_anonymous = settings.cache_anonymous
         self._wanted = {
             src.lower().encode(): dst.encode() for src, dst in settings.identity_headers
         }
@@ -72,16 +91,26 @@ class ForwardAuth:
         self, headers: Headers, method: bytes, target: bytes, host: bytes, client_ip: bytes
     ) -> Decision:
         """Ask the auth service (or the cache). A checkpoint; never raises for I/O errors."""
-        cookie = b"; ".join(v for n, v in headers if n.lower() == b"cookie")
-        authorization = next((v for n, v in headers if n.lower() == b"authorization"), b"")
+        request = self._auth_request(headers, method, target, host, client_ip)
         key = b""
-        if self._cache_s:
-            # The request's method, host and URI are part of the key: the service
-            # may decide per path, and an "allow" must not leak to other paths.
-            key = hashlib.sha256(b"\0".join((cookie, authorization, method, host, target))).digest()
+        if self._cache_s and (self._cache_anonymous or _has_credential(request)):
+            key = _cache_key(request)
             hit = self._cache.get(key)
             if hit is not None and hit[0] > trio.current_time():
                 return hit[1]
+        decision = UNDECIDED
+        with trio.move_on_after(self._timeout):
+            decision = await self._ask(request)
+        if key and decision.status:  # never cache "could not decide"
+            self._remember(key, decision)
+        return decision
+
+    def _auth_request(
+        self, headers: Headers, method: bytes, target: bytes, host: bytes, client_ip: bytes
+    ) -> Headers:
+        """The header list of the auth request (also the source of the cache key)."""
+        cookie = b"; ".join(v for n, v in headers if n.lower() == b"cookie")
+        authorization = next((v for n, v in headers if n.lower() == b"authorization"), b"")
         request = [
             (b"Host", self._host),
             (b"X-Forwarded-Method", method),
@@ -94,12 +123,7 @@ class ForwardAuth:
             request.append((b"Cookie", cookie))
         if authorization:
             request.append((b"Authorization", authorization))
-        decision = UNDECIDED
-        with trio.move_on_after(self._timeout):
-            decision = await self._ask(request)
-        if self._cache_s and decision.status:  # never cache "could not decide"
-            self._remember(key, decision)
-        return decision
+        return request
 
     def _remember(self, key: bytes, decision: Decision) -> None:
         self._cache[key] = (trio.current_time() + self._cache_s, decision)

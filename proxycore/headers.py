@@ -22,6 +22,7 @@ __all__ = [
     "Framing",
     "Headers",
     "connection_tokens",
+    "invalid_header_problem",
     "reason_phrase",
     "request_framing",
     "request_id_from",
@@ -54,6 +55,13 @@ PROXY_OWNED_REQUEST: Final = frozenset(
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-real-ip",
+        b"forwarded",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-http-method-override",
         b"x-request-id",
     }
 )
@@ -126,16 +134,24 @@ def request_framing(headers: Headers, http_version: bytes) -> Framing:
 
 
 def response_framing(method: bytes, status: int, headers: Headers) -> Framing:
-    """How the upstream frames its response body (RFC 9112 section 6.3)."""
+    """How the upstream frames its response body (RFC 9112 section 6.3).
+
+    A body with both Content-Length and Transfer-Encoding is refused (502), not
+    guessed at: RFC 9112 section 6.3 calls it a possible smuggling or splitting attempt.
+    """
     if method == b"HEAD" or status < 200 or status in (204, 304):
         return NO_BODY
     te = _values(headers, b"transfer-encoding")
+    cl = _values(headers, b"content-length")
+    if te and cl:
+        raise UpstreamProtocolError(
+            "upstream response has both Content-Length and Transfer-Encoding"
+        )
     if te:
         codings = [c.strip().lower() for v in te for c in v.split(b",")]
         if codings[-1] != b"chunked":
             return UNTIL_CLOSE
         return CHUNKED
-    cl = _values(headers, b"content-length")
     if cl:
         return Framing("length", _content_length(cl, UpstreamProtocolError))
     return UNTIL_CLOSE
@@ -170,7 +186,7 @@ def upstream_request_headers(
     client: Headers,
     *,
     host: bytes,
-    client_ip: bytes,
+    forwarded_for: bytes,
     request_id: bytes,
     framing: Framing,
     identity_encoding: bool,
@@ -183,13 +199,12 @@ def upstream_request_headers(
     named in ``Connection``, the headers the proxy owns, and the names in
     ``drop`` (lower case) are dropped, each also in its ``_`` spelling (so
     ``X_Authenticated_User`` can't pass for ``X-Authenticated-User``); the
-    proxy's own and ``extra`` are appended after. X-Forwarded-For keeps the
-    client's chain (unless ``Connection`` named it) and appends the peer
-    address.
+    proxy's own and ``extra`` are appended after. ``forwarded_for`` is the
+    whole X-Forwarded-For value (see :func:`proxycore.request_head.client_address`:
+    a client's own chain is kept only when its peer is a trusted proxy).
     """
     dropped = connection_tokens(client) | HOP_BY_HOP | drop
     out: Headers = []
-    forwarded_for: list[bytes] = []
     forwarded_host = b""
     for name, value in client:
         lname = name.lower()
@@ -199,17 +214,14 @@ def upstream_request_headers(
         if lname in dropped:
             continue
         if lname in PROXY_OWNED_REQUEST:
-            if lname == b"x-forwarded-for":
-                forwarded_for.append(value)
-            elif lname == b"host":
+            if lname == b"host":
                 forwarded_host = value
             continue
         if identity_encoding and lname == b"accept-encoding":
             continue
         out.append((name, value))
-    forwarded_for.append(client_ip)
     out.append((b"Host", host))
-    out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
+    out.append((b"X-Forwarded-For", forwarded_for))
     out.append((b"X-Forwarded-Proto", b"http"))
     if forwarded_host:
         out.append((b"X-Forwarded-Host", forwarded_host))
@@ -256,3 +268,30 @@ def downstream_response_headers(
     if close:
         out.append((b"Connection", b"close"))
     return out
+
+
+_FIELD_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+#: Control characters other than HTAB (CR, LF and NUL among them): never in a field value.
+_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def invalid_header_problem(headers: object) -> str | None:
+    """What is wrong with a header list from a hook, or None if it is safe to serialize.
+
+    A list (or tuple) of ``(bytes, bytes)`` pairs; names RFC 9110 tokens; values without
+    control characters except HTAB (no CR, LF or NUL). The problem names the field's
+    position and what is wrong, never its value.
+    """
+    if not isinstance(headers, list | tuple):
+        return f"headers must be a list of (name, value) pairs, got {type(headers).__name__}"
+    for index, item in enumerate(headers):
+        if not (isinstance(item, tuple | list) and len(item) == 2):
+            return f"header {index} is not a (name, value) pair"
+        name, value = item
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            return f"header {index}: name and value must be bytes"
+        if not _FIELD_NAME.fullmatch(name):
+            return f"header {index}: the name is not a valid field name (RFC 9110 token)"
+        if _BAD_VALUE.search(value):
+            return f"header {index}: the value contains a control character (CR, LF, NUL...)"
+    return None

@@ -5,11 +5,17 @@ slow hook slows only its own exchange. A hook that raises is logged (with the
 request id) and the client gets a 500 JSON error if nothing was sent yet;
 the connection survives, no traceback is shown to the client.
 
-- ``on_request(request) -> Response | None``: before the upstream is asked.
-  Change ``request.headers`` (sent upstream), or return a :class:`Response` to
-  answer the client directly (a policy hook).
-- ``on_response_head(exchange, status, headers)``: the upstream's head, before
-  it is sent on; ``headers`` may be changed in place.
+- ``on_request(request) -> Response | None``: before the upstream is asked
+  (WebSocket upgrades included: an answer replaces the upgrade).
+  Change ``request.headers`` (sent upstream), or return a :class:`Response` (status
+  200-599) to answer the client directly (a policy hook).
+- ``on_response_head(exchange, status, headers)``: the upstream's head (for an
+  upgrade its 101 or refusal), before it is sent on; ``headers`` may be changed
+  in place.
+
+Headers a hook sets must be ``(bytes, bytes)`` pairs with RFC 9110 token names and
+values without control characters (HTAB allowed); anything else is a 500 and one
+log line, never sent on.
 - ``on_sse_event(exchange, event)``: every parsed SSE event, after its bytes
   were forwarded (needs the route's SSE tap, which a set hook turns on).
 - ``on_exchange_end(exchange, summary)``: once per exchange, after the last

@@ -15,7 +15,8 @@ Invariants (the reason this module exists):
 Each pump raises :class:`SourceFailed` (read error, or the source ended
 before the body did), :class:`SinkFailed` (write error), :class:`FramingError`
 (malformed chunked framing) or :class:`IdleTimeout`. The exchange maps those
-to the side-specific proxy errors. They return the number of bytes written.
+to the side-specific proxy errors. They return the number of bytes written; a
+failure carries the number written before it in ``moved``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def bulk_buffer(remaining: int, default: bytearray) -> bytearray:
 class PipeError(Exception):
     """Base of the pump failures; the exchange maps each to a side-specific proxy error."""
 
+    #: Bytes the pump had written to the sink before it failed (for the access log).
+    moved: int = 0
+
 
 class SourceFailed(PipeError):
     """The source failed to read, or ended before the body did."""
@@ -100,17 +104,21 @@ async def pump_length(src: Stream, dst: Stream, buf: bytearray, remaining: int, 
     view = memoryview(buf)
     size = len(buf)
     moved = 0
-    with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
-        while remaining:
-            n = await _recv(src, buf, size if remaining > size else remaining)
-            if not n:
-                raise SourceFailed(f"body ended {remaining} bytes early")
-            await _send(dst, view[:n])
-            remaining -= n
-            moved += n
-            scope.deadline = trio.current_time() + idle
-    if scope.cancelled_caught:
-        raise IdleTimeout(f"no body bytes for {idle:g} s")
+    try:
+        with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
+            while remaining:
+                n = await _recv(src, buf, size if remaining > size else remaining)
+                if not n:
+                    raise SourceFailed(f"body ended {remaining} bytes early")
+                await _send(dst, view[:n])
+                remaining -= n
+                moved += n
+                scope.deadline = trio.current_time() + idle
+        if scope.cancelled_caught:
+            raise IdleTimeout(f"no body bytes for {idle:g} s")
+    except PipeError as exc:
+        exc.moved = moved
+        raise
     return moved
 
 
@@ -122,34 +130,49 @@ async def pump_chunked(
     idle: float,
     *,
     max_payload: int | None = None,
+    drop_trailers: bool = False,
 ) -> tuple[int, bytes]:
     """Pass a chunked body through unchanged, validated by ``scanner``.
 
     Returns ``(bytes written, bytes read past the body's end)``. With
-    ``max_payload``, a body whose data grows past it raises :class:`BodyTooLarge`
-    before the read that crossed the limit is written.
+    ``max_payload``, a body whose data grows past it (or a chunk size line that
+    promises more) raises :class:`BodyTooLarge` before that read is written.
+    With ``drop_trailers`` the trailer section is validated but not written: the
+    body ends ``0\r\n\r\n`` (request bodies: a trailer field could carry a
+    header the proxy strips or owns).
     """
     view = memoryview(buf)
     moved = 0
     leftover = b""
-    with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
-        while not scanner.done:
-            n = await _recv(src, buf, CHUNK)
-            if not n:
-                raise SourceFailed("chunked body ended before its last chunk")
-            try:
-                end = scanner.feed(buf, 0, n)
-            except ChunkedError as exc:
-                raise FramingError(str(exc)) from None
-            if max_payload is not None and scanner.payload_bytes > max_payload:
-                raise BodyTooLarge(f"body larger than {max_payload} bytes")
-            await _send(dst, view[:end])
-            moved += end
-            if end < n:
-                leftover = bytes(buf[end:n])
-            scope.deadline = trio.current_time() + idle
-    if scope.cancelled_caught:
-        raise IdleTimeout(f"no body bytes for {idle:g} s")
+    try:
+        with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
+            while not scanner.done:
+                n = await _recv(src, buf, CHUNK)
+                if not n:
+                    raise SourceFailed("chunked body ended before its last chunk")
+                try:
+                    end = scanner.feed(buf, 0, n)
+                except ChunkedError as exc:
+                    raise FramingError(str(exc)) from None
+                if max_payload is not None and scanner.declared_bytes > max_payload:
+                    raise BodyTooLarge(f"body larger than {max_payload} bytes")
+                if not drop_trailers:
+                    await _send(dst, view[:end])
+                    moved += end
+                else:
+                    keep = scanner.trailer_start
+                    out = b"".join((view[:keep], b"\r\n")) if scanner.done else view[:keep]
+                    if out:
+                        await _send(dst, out)
+                        moved += len(out)
+                if end < n:
+                    leftover = bytes(buf[end:n])
+                scope.deadline = trio.current_time() + idle
+        if scope.cancelled_caught:
+            raise IdleTimeout(f"no body bytes for {idle:g} s")
+    except PipeError as exc:
+        exc.moved = moved
+        raise
     return moved, leftover
 
 
@@ -161,24 +184,28 @@ async def pump_chunked_decoded(
     moved = 0
     leftover = b""
     spans: list[tuple[int, int]] = []
-    with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
-        while not scanner.done:
-            n = await _recv(src, buf, CHUNK)
-            if not n:
-                raise SourceFailed("chunked body ended before its last chunk")
-            spans.clear()
-            try:
-                end = scanner.feed(buf, 0, n, spans)
-            except ChunkedError as exc:
-                raise FramingError(str(exc)) from None
-            for s, e in spans:
-                await _send(dst, view[s:e])
-                moved += e - s
-            if end < n:
-                leftover = bytes(buf[end:n])
-            scope.deadline = trio.current_time() + idle
-    if scope.cancelled_caught:
-        raise IdleTimeout(f"no body bytes for {idle:g} s")
+    try:
+        with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
+            while not scanner.done:
+                n = await _recv(src, buf, CHUNK)
+                if not n:
+                    raise SourceFailed("chunked body ended before its last chunk")
+                spans.clear()
+                try:
+                    end = scanner.feed(buf, 0, n, spans)
+                except ChunkedError as exc:
+                    raise FramingError(str(exc)) from None
+                for s, e in spans:
+                    await _send(dst, view[s:e])
+                    moved += e - s
+                if end < n:
+                    leftover = bytes(buf[end:n])
+                scope.deadline = trio.current_time() + idle
+        if scope.cancelled_caught:
+            raise IdleTimeout(f"no body bytes for {idle:g} s")
+    except PipeError as exc:
+        exc.moved = moved
+        raise
     return moved, leftover
 
 
@@ -192,22 +219,26 @@ async def pump_until_close(
     """
     view = memoryview(buf)
     moved = 0
-    with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
-        while True:
-            n = await _recv(src, buf, CHUNK)
-            if not n:
-                break
-            if chunk_encode:
-                frame = b"".join((encode_chunk_header(n), view[:n], b"\r\n"))
-                await _send(dst, frame)
-                moved += len(frame)
-            else:
-                await _send(dst, view[:n])
-                moved += n
-            scope.deadline = trio.current_time() + idle
-    if scope.cancelled_caught:
-        raise IdleTimeout(f"no body bytes for {idle:g} s")
-    if chunk_encode:
-        await _send(dst, LAST_CHUNK)
-        moved += len(LAST_CHUNK)
+    try:
+        with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
+            while True:
+                n = await _recv(src, buf, CHUNK)
+                if not n:
+                    break
+                if chunk_encode:
+                    frame = b"".join((encode_chunk_header(n), view[:n], b"\r\n"))
+                    await _send(dst, frame)
+                    moved += len(frame)
+                else:
+                    await _send(dst, view[:n])
+                    moved += n
+                scope.deadline = trio.current_time() + idle
+        if scope.cancelled_caught:
+            raise IdleTimeout(f"no body bytes for {idle:g} s")
+        if chunk_encode:
+            await _send(dst, LAST_CHUNK)
+            moved += len(LAST_CHUNK)
+    except PipeError as exc:
+        exc.moved = moved
+        raise
     return moved

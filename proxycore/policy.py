@@ -2,15 +2,16 @@
 
 A :class:`Policy` is compiled once from a route's settings and answers, per request, either
 ``None`` (allowed) or a :class:`Refusal` that the caller turns into an error response. Rules are
-checked in this order: git push, the methods allow-list, then ``deny_paths``.
+checked in this order: git push, the methods allow-list (``TRACE`` and ``CONNECT`` are refused
+unless listed), then ``deny_paths``.
 
-``deny_paths`` are glob patterns in :func:`fnmatch.fnmatchcase` syntax (``*``, ``?``, ``[...]``),
-matched case-sensitively against the whole request path after one round of percent-decoding.
-Note that ``*`` matches any characters INCLUDING ``/`` (and ``?`` any one character, ``/`` too):
-``/admin/*`` denies ``/admin/x``, ``/admin/x/y`` and ``/adm%69n/x`` but neither ``/admin`` nor
-``/administrator``; list ``/admin`` as well to deny it. A path with empty segments
-(``/api//admin/x``) is also tried with the runs of ``/`` collapsed, since many upstreams treat it
-as ``/api/admin/x``. The query is never matched.
+Every rule sees the decision path of the normalized target view (:mod:`proxycore.target`):
+percent-decoded, ``;params`` removed, empty segments merged. ``deny_paths`` are glob patterns in
+:func:`fnmatch.fnmatchcase` syntax (``*``, ``?``, ``[...]``) matched case-sensitively against the
+whole of that path. Note that ``*`` matches any characters INCLUDING ``/`` (and ``?`` any one
+character, ``/`` too): ``/admin/*`` denies ``/admin/x``, ``/admin/x/y``, ``/adm%69n/x``,
+``//admin/x`` and ``/admin;v=1/x`` but neither ``/admin`` nor ``/administrator``; list ``/admin``
+as well to deny it. The query is never matched.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ __all__ = ["Policy", "Refusal", "is_git_push", "validate_methods", "validate_pat
 
 _PERCENT: Final = re.compile(rb"%([0-9A-Fa-f]{2})")
 _PERCENT_STR: Final = re.compile(r"%[0-9A-Fa-f]{2}")
-_SLASHES: Final = re.compile(r"//+")
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _QUERY_SPLIT: Final = re.compile(rb"[&;]")
 
-_RECEIVE_PACK: Final = b"/git-receive-pack"
-_INFO_REFS: Final = b"/info/refs"
+_RECEIVE_PACK: Final = "/git-receive-pack"
+_INFO_REFS: Final = "/info/refs"
+#: Refused unless a route's ``methods`` lists them (TRACE would echo injected credentials).
+_DANGEROUS_METHODS: Final = frozenset({b"TRACE", b"CONNECT"})
+_DEFAULT_ALLOW: Final = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 _SERVICE: Final = b"service"
 _RECEIVE_PACK_SERVICE: Final = b"git-receive-pack"
 
@@ -53,25 +56,32 @@ _GIT_PUSH_DENIED: Final = Refusal(
     "push from a trusted machine with your own credentials instead",
 )
 _FORBIDDEN: Final = Refusal(403, "forbidden", "this path is not available through the proxy")
+_DANGEROUS_REFUSAL: Final = Refusal(
+    405,
+    "method_not_allowed",
+    "TRACE and CONNECT are not allowed unless the route lists them in 'methods'",
+    ((b"Allow", _DEFAULT_ALLOW.encode("ascii")),),
+)
 
 
 def _unquote(data: bytes) -> bytes:
     return _PERCENT.sub(lambda m: bytes((int(m.group(1), 16),)), data) if b"%" in data else data
 
 
-def is_git_push(method: bytes, path: bytes, query: bytes) -> bool:
+def is_git_push(method: bytes, path: str, query: bytes) -> bool:
     """Is this a git smart-HTTP push (``git-receive-pack``)?
 
     True for ``POST .../git-receive-pack`` and for ``GET .../info/refs`` with a query parameter
-    ``service=git-receive-pack``. ``path`` excludes the query; ``query`` keeps its leading ``?``
-    or is ``b""``. The path suffix is compared after percent-decoding, case-sensitively (like git),
-    ignoring trailing slashes. The query is split on ``&`` and ``;``, each parameter on its first
-    ``=``, and name and value are percent-decoded, in any order and position; a fetch
-    (``service=git-upload-pack``) is not a push. The method is compared exactly.
+    ``service=git-receive-pack``. ``path`` is the decision path of the target view (decoded);
+    ``query`` keeps its leading ``?`` or is ``b""``. The path suffix is compared
+    case-sensitively (like git), ignoring trailing slashes. The query is split on ``&`` and
+    ``;``, each parameter on its first ``=``, and name and value are percent-decoded, in any
+    order and position; a fetch (``service=git-upload-pack``) is not a push. The method is
+    compared exactly.
     """
     if method == b"POST":
-        return _unquote(path).rstrip(b"/").endswith(_RECEIVE_PACK)
-    if method != b"GET" or not query or not _unquote(path).rstrip(b"/").endswith(_INFO_REFS):
+        return path.rstrip("/").endswith(_RECEIVE_PACK)
+    if method != b"GET" or not query or not path.rstrip("/").endswith(_INFO_REFS):
         return False
     for param in _QUERY_SPLIT.split(query.removeprefix(b"?")):
         name, sep, value = param.partition(b"=")
@@ -155,22 +165,19 @@ class Policy:
 
     @property
     def is_empty(self) -> bool:
-        """True when no rule is set: the hot path may skip :meth:`check`."""
+        """True when no configured rule is set (TRACE and CONNECT are still refused)."""
         return not self._deny_git_push and self._method_refusal is None and self._deny is None
 
-    def check(self, method: bytes, path: bytes, query: bytes) -> Refusal | None:
-        """``None`` if the request may go on, else why it is refused (see the module docstring)."""
+    def check(self, method: bytes, path: str, query: bytes) -> Refusal | None:
+        """``None`` if the request may go on, else why it is refused (see the module docstring).
+        ``path`` is the decision path of the normalized target view."""
         if self._deny_git_push and is_git_push(method, path, query):
             return _GIT_PUSH_DENIED
-        if self._method_refusal is not None and method not in self._methods:
-            return self._method_refusal
-        if self._deny is not None and _denied(self._deny, path):
+        if self._method_refusal is not None:
+            if method not in self._methods:
+                return self._method_refusal
+        elif method in _DANGEROUS_METHODS:
+            return _DANGEROUS_REFUSAL
+        if self._deny is not None and self._deny.match(path):
             return _FORBIDDEN
         return None
-
-
-def _denied(deny: re.Pattern[str], path: bytes) -> bool:
-    decoded = _unquote(path).decode("utf-8", "surrogateescape")
-    if deny.match(decoded):
-        return True
-    return "//" in decoded and deny.match(_SLASHES.sub("/", decoded)) is not None

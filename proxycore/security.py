@@ -29,6 +29,7 @@ import trio
 from .config import Config, Route
 from .errors import (
     AuthUnavailable,
+    BadRequest,
     Forbidden,
     InternalError,
     LoginRedirect,
@@ -43,6 +44,7 @@ from .policy import Policy, Refusal
 from .pool import Pool
 from .ratelimit import ConcurrencyLimit, TokenBucket
 from .secrets import InboundSecrets, SecretError, TokenSource, parse_bearer
+from .target import TargetView
 
 __all__ = ["Admission", "Security", "exposure_problem"]
 
@@ -117,24 +119,25 @@ class RouteGuard:
     async def admit(
         self,
         method: bytes,
-        path: bytes,
-        query: bytes,
+        view: TargetView,
         headers: Headers,
         client_ip: str,
     ) -> Admission:
         """Admit the request or raise the :class:`ProxyError` that refuses it. A checkpoint
-        only with forward auth."""
+        only with forward auth. Every decision uses ``view`` (the normalized target) and
+        ``client_ip`` (see :func:`proxycore.request_head.client_address`)."""
+        if self.inject_header and _count(headers, self.inject_header.lower()) > 1:
+            raise BadRequest(f"the {self.inject_header.decode('ascii')} field appears twice")
         admission = Admission(self.drop)
         key = client_ip
         if self.mode == "bearer":
             key = admission.identity = self._bearer(headers)
         elif self.mode == "forward_auth":
-            key = await self._forward_auth(method, path + query, headers, client_ip, admission)
+            key = await self._forward_auth(method, view.target, headers, client_ip, admission)
             admission.identity = key
-        if not self.policy.is_empty:
-            refusal = self.policy.check(method, path, query)
-            if refusal is not None:
-                raise _refusal_error(refusal)
+        refusal = self.policy.check(method, view.path, view.query)
+        if refusal is not None:
+            raise _refusal_error(refusal)
         if self.bucket is not None or self.streams is not None:
             rate_key = client_ip if self.rate_key == "client_ip" else key
             self._rate_limit(rate_key, admission)
@@ -196,6 +199,10 @@ class RouteGuard:
                     headers=[(b"Retry-After", b"1")],
                 )
             admission.release = lambda: streams.release(key)
+
+
+def _count(headers: Headers, lname: bytes) -> int:
+    return sum(1 for n, _ in headers if n.lower().replace(b"_", b"-") == lname)
 
 
 def _wants_html(headers: Headers) -> bool:

@@ -1,7 +1,11 @@
 """WebSocket relay for ``websocket = true`` routes (trio-websocket on both sides).
 
-``Exchange.run`` calls :func:`relay_websocket` after routing and admission (inbound auth,
-policy and rate limits have run). One session:
+``Exchange.run`` calls :func:`relay_websocket` after routing, admission (inbound auth,
+policy and rate limits) and the ``on_request`` hook have run (an answer from the hook goes
+to the client instead; its header changes are the upstream handshake's).
+``on_response_head`` sees the upstream's 101 or refusal head before the client does.
+Errors name the route, never the upstream's address (that goes to the access log).
+One session:
 
 1. The client's handshake is checked (HTTP/1.1, no body, version 13, a key, ASCII where
    wsproto decodes); a bad one is a JSON error (400, 426). It is then *parsed, not
@@ -63,6 +67,8 @@ from .errors import (
     UpstreamConnectTimeout,
     UpstreamProtocolError,
     UpstreamReset,
+    connect_reason,
+    public_reason,
 )
 from .headers import (
     HOP_BY_HOP,
@@ -274,9 +280,10 @@ class _Session:
         rec.ttfb = trio.current_time() - rec.started
         if upstream_ws is None:
             return
+        reply = await self.reply_headers(upstream_ws)
         try:
             self.client_ws = await request.accept(
-                subprotocol=upstream_ws.subprotocol, extra_headers=self.reply_headers(upstream_ws)
+                subprotocol=upstream_ws.subprotocol, extra_headers=reply
             )
         except ConnectionClosed:
             rec.status, rec.outcome = ClientGone.status, ClientGone.outcome
@@ -286,14 +293,21 @@ class _Session:
         rec.status = 101
         await self.relay(self.client_ws, upstream_ws)
 
+    @property
+    def where(self) -> str:
+        """The upstream as errors name it to the client: by route, never by address."""
+        return f"the upstream of route {self.route.name!r}"
+
     async def open_upstream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
         up = self.route.target
+        address = f"{up.host}:{up.port}"  # for the access log only
         try:
             self.up_sock = trio.socket.from_stdlib_socket(await connect_tcp(up.host, up.port))
         except OSError as exc:
-            why = exc.strerror or str(exc)
-            where = f"{up.host}:{up.port}"
-            raise UpstreamConnectError(f"cannot connect to upstream {where}: {why}") from None
+            raise UpstreamConnectError(
+                f"cannot connect to {self.where}: {connect_reason(exc)}",
+                detail=f"{address}: {exc.strerror or exc}",
+            ) from None
         stream = trio.SocketStream(self.up_sock)
         if up.scheme == "http":
             return stream
@@ -304,10 +318,10 @@ class _Session:
         except trio.BrokenResourceError as exc:
             cause = exc.__cause__
             reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-            reason = reason or type(cause).__name__
-            where = f"{up.host}:{up.port}"
+            reason = str(reason or type(cause).__name__)
             raise UpstreamConnectError(
-                f"upstream {where}: TLS handshake failed: {reason}"
+                f"{self.where}: TLS handshake failed: {public_reason(reason)}",
+                detail=f"{address}: TLS handshake failed: {reason}",
             ) from None
         return tls
 
@@ -322,7 +336,7 @@ class _Session:
         headers = upstream_request_headers(
             x.headers,
             host=host,
-            client_ip=x.client.peer_ip.encode(),
+            forwarded_for=x.forwarded_for,
             request_id=x.request_id,
             framing=NO_BODY,
             identity_encoding=False,
@@ -348,22 +362,44 @@ class _Session:
             reader.watch = client.watch = None
         if ws is not None:
             return ws
-        where = f"upstream {up.host}:{up.port}"
+        where, address = self.where, f"{up.host}:{up.port}"
         if timer.cancelled_caught:
-            raise UpstreamConnectTimeout(f"WebSocket handshake with {where} timed out")
+            raise UpstreamConnectTimeout(
+                f"WebSocket handshake with {where} timed out",
+                detail=f"{address}: WebSocket handshake timed out",
+            )
         if not reader.done:
             raise ClientGone("client went away during the WebSocket handshake")
         if isinstance(reader.error, ConnectionRejected):
             self.rejected = reader.error
             return None
         if reader.error is not None:
-            raise UpstreamProtocolError(f"invalid WebSocket handshake response from {where}")
-        raise UpstreamReset(f"{where} closed the connection during the WebSocket handshake")
+            raise UpstreamProtocolError(
+                f"invalid WebSocket handshake response from {where}",
+                detail=f"{address}: {type(reader.error).__name__}",
+            )
+        raise UpstreamReset(
+            f"{where} closed the connection during the WebSocket handshake",
+            detail=f"{address}: closed during the WebSocket handshake",
+        )
 
-    def reply_headers(self, upstream: WebSocketConnection) -> Headers:
-        """Headers of the upstream's 101 worth passing on (Set-Cookie...), plus X-Request-ID."""
-        out = [(n, v) for n, v in upstream.handshake_headers if n.lower() not in _NOT_IN_101]
+    async def reply_headers(self, upstream: WebSocketConnection) -> Headers:
+        """Headers of the upstream's 101 worth passing on (Set-Cookie...), plus X-Request-ID.
+
+        ``on_response_head`` sees (and may change) them first, as any response head."""
+        headers = await self.response_head_hook(101, list(upstream.handshake_headers))
+        out = [(n, v) for n, v in headers if n.lower() not in _NOT_IN_101]
         return [*out, (b"X-Request-ID", self.x.request_id)]
+
+    async def response_head_hook(self, status: int, headers: Headers) -> Headers:
+        """Run ``on_response_head`` on an upstream head, as for HTTP responses: a hook that
+        fails or sets an invalid header is a 500 (nothing was sent to the client yet)."""
+        x = self.x
+        if x.hooks.on_response_head is not None:
+            hook = x.hooks.on_response_head(x.info, status, headers)
+            await x._call_hook("on_response_head", hook)
+            x._check_hook_headers("on_response_head", headers)
+        return headers
 
     async def relay_refusal(self, exc: ConnectionRejected) -> None:
         """The upstream's refusal as a plain response; then the connection closes."""
@@ -372,8 +408,9 @@ class _Session:
         framing = Framing("length", len(body))
         if status < 200 or status in (204, 304):
             body, framing = b"", NO_BODY
+        up_headers = await self.response_head_hook(status, list(exc.headers))
         headers = downstream_response_headers(
-            list(exc.headers),
+            up_headers,
             request_id=x.request_id,
             framing=framing,
             keep_length=False,

@@ -200,13 +200,10 @@ async def test_injected_credential_replaces_every_client_copy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("PC_TEST_KEY", TOKEN)
+    # One copy each (a second copy is a 400: test_request_view.py); every spelling is replaced.
     sent = [
-        ("x-api-key", "stolen-1"),
-        ("X-Api-Key", "stolen-2"),
-        ("x_api_key", "stolen-3"),
         ("X_API_KEY", "stolen-4"),
         ("Authorization", "Bearer stolen-5"),
-        ("authorization", "Basic stolen-6"),
         ("Proxy-Authorization", "Basic stolen-7"),
         ("X-Keep", "kept"),
     ]

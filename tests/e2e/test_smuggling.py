@@ -155,7 +155,6 @@ BAD_REQUESTS: Final = {
     "duplicate-host": get(b"Host: other"),
     "missing-host": b"GET /x HTTP/1.1\r\nX-A: a\r\n\r\n",
     "absolute-form": b"GET http://evil/ HTTP/1.1\r\nHost: evil\r\n\r\n",
-    "authority-form": b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n",
 }
 
 
@@ -171,6 +170,22 @@ async def test_ambiguous_or_malformed_request_is_400_closed_and_never_forwarded(
             await assert_upstream_untouched(host, port, up)
             nursery.cancel_scope.cancel()
     assert_400_and_closed(reply)
+
+
+async def test_connect_authority_form_is_405_closed_and_never_forwarded() -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            up = await RecordingUpstream().start(nursery)
+            host, port = await start_proxy(nursery, up.url)
+            reply = await send_raw(
+                host, port, b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n"
+            )
+            await assert_upstream_untouched(host, port, up)
+            nursery.cancel_scope.cancel()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 "), reply
+    assert b"\r\nConnection: close" in head
+    assert json.loads(body)["error"]["type"] == "method_not_allowed"
 
 
 async def test_malformed_chunk_size_mid_body_never_completes_upstream_request() -> None:

@@ -39,8 +39,10 @@ def scan_windows(
         was_done = sc.done
         r = sc.feed(buf, a, b, spans)
         assert a <= r <= b
+        assert a <= sc.trailer_start <= r
+        assert sc.declared_bytes >= sc.payload_bytes
         if was_done:
-            assert r == a and spans == []
+            assert r == a and spans == [] and sc.trailer_start == a
             continue
         for s, e in spans:
             assert a <= s < e <= r
@@ -66,6 +68,35 @@ def scan_pieces(pieces: list[bytes]) -> tuple[bytes, int | None]:
             return bytes(payload), offset + r
         offset += len(piece)
     return bytes(payload), None
+
+
+def drop_trailers(buf: bytes, cuts: list[int]) -> bytes:
+    """What a pump dropping trailers writes for buf fed in windows (see ``trailer_start``):
+    each window up to its trailer section, then CRLF once the body is done."""
+    sc = ChunkedScanner()
+    out = bytearray()
+    for a, b in itertools.pairwise([0, *cuts, len(buf)]):
+        if sc.done:
+            break
+        sc.feed(buf, a, b)
+        out += buf[a : sc.trailer_start]
+    assert sc.done
+    return bytes(out) + b"\r\n"
+
+
+def h11_body(body: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], bytes]:
+    """h11's reading of a chunked request body: (payload, trailers, bytes after it)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(HEAD + body)
+    assert isinstance(conn.next_event(), h11.Request)
+    data = bytearray()
+    while True:
+        ev = conn.next_event()
+        if isinstance(ev, h11.Data):
+            data += ev.data
+            continue
+        assert isinstance(ev, h11.EndOfMessage), ev
+        return bytes(data), list(ev.headers), conn.trailing_data[0]
 
 
 def byte_cuts(n: int) -> list[int]:
@@ -123,6 +154,40 @@ def test_valid_bodies_any_split(body: bytes, payload: bytes) -> None:
             assert scan_windows(buf, [p, q]) == expected
     assert scan_pieces([buf[i : i + 1] for i in range(len(buf))]) == expected
     assert scan_pieces([buf[:3], buf[3:]]) == expected
+
+
+@pytest.mark.parametrize(("body", "payload"), [v[1:] for v in VALID], ids=[v[0] for v in VALID])
+def test_trailer_start_drops_exactly_the_trailer_section(body: bytes, payload: bytes) -> None:
+    buf = body + NEXT
+    whole = drop_trailers(buf, [])
+    # What is kept is the body up to its last-chunk line, untouched; then an empty trailer.
+    assert whole.endswith(b"\r\n") and body.startswith(whole[:-2])
+    assert h11_body(whole + NEXT) == (payload, [], NEXT)
+    _, trailers, _ = h11_body(buf)
+    assert (whole == body) == (not trailers)
+    for cuts in [byte_cuts(len(buf)), *([p] for p in range(len(buf) + 1))]:
+        assert drop_trailers(buf, cuts) == whole
+
+
+def test_trailer_start_when_trailers_span_windows() -> None:
+    body = b"3\r\nabc\r\n0\r\nX-Authenticated-User: root\r\nAuthorization: x\r\n\r\n"
+    sc = ChunkedScanner()
+    cut1 = body.index(b"0\r\n") + 1  # inside the last-chunk line
+    cut2 = body.index(b"Authorization")
+    assert sc.feed(body, 0, cut1) == cut1 and sc.trailer_start == cut1
+    assert sc.feed(body, cut1, cut2) == cut2 and sc.trailer_start == cut1 + 2
+    assert sc.feed(body, cut2) == len(body) and sc.trailer_start == cut2
+    assert sc.done
+
+
+def test_declared_bytes_counts_the_promised_chunk() -> None:
+    sc = ChunkedScanner()
+    sc.feed(b"ff\r\nabc")
+    assert (sc.payload_bytes, sc.declared_bytes) == (3, 255)
+    sc.feed(b"x" * 252 + b"\r\n1")
+    assert (sc.payload_bytes, sc.declared_bytes) == (255, 255)  # next size line incomplete
+    sc.feed(b"0\r\n")
+    assert (sc.payload_bytes, sc.declared_bytes) == (255, 255 + 16)
 
 
 def test_input_types_and_window_offsets() -> None:
@@ -361,6 +426,20 @@ def test_property_valid_bodies_any_split(
     assert scan_windows(buf, []) == (payload, len(body))
     pieces = [buf[a:b] for a, b in itertools.pairwise([0, *cuts, len(buf)])]
     assert scan_pieces(pieces) == (payload, len(body))
+
+
+@HYPOTHESIS
+@given(chunked_bodies(), st.data())
+def test_property_dropping_trailers_any_split(
+    case: tuple[bytes, bytes], data: st.DataObject
+) -> None:
+    body, payload = case
+    buf = body + NEXT
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(buf)), max_size=8)))
+    kept = drop_trailers(buf, cuts)
+    assert kept == drop_trailers(buf, [])
+    assert body.startswith(kept[:-2])
+    assert h11_body(kept + NEXT) == (payload, [], NEXT)
 
 
 MUTATION_BYTES = b"\r\n\r\n \t;:=0019aAfFxX-+\x00\x01\x7f\x80\xffz"

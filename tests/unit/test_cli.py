@@ -250,3 +250,63 @@ def test_check_shows_injection_with_the_token_hidden(
     out = capsys.readouterr().out
     assert "Authorization:Bearer ***(env:PC_CHECK_TOKEN)" in out
     assert "sk-very-secret-value" not in out
+
+
+# --------------------------------------------------------------------------- serve --listen
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[proxycore.server.Server]:
+    """Replace running the server: the ``Server`` that would have run is recorded."""
+    servers: list[proxycore.server.Server] = []
+
+    async def fake_run(server: proxycore.server.Server, *args: object) -> None:
+        servers.append(server)
+
+    monkeypatch.setattr(proxycore.cli, "_run_process", fake_run)
+    return servers
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("form", ["--config", "--routes", "--upstream"])
+def test_serve_listen_applies_to_every_source(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    served: list[proxycore.server.Server],
+    form: str,
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k1")
+    monkeypatch.setenv("LOCAL_TOKEN", "k2")
+    sources = {
+        "--config": str(write(tmp_path, "proxycore.toml", VALID_TOML)),
+        "--routes": str(write(tmp_path, "routes.json", json.dumps(VALID_LEGACY))),
+        "--upstream": "http://127.0.0.1:8000/",
+    }
+    argv = ["serve", form, sources[form], "--listen", "127.0.0.1:9123", "--no-access-log"]
+    assert main(argv) == 0
+    (server,) = served
+    assert server.config.server.listen == ("127.0.0.1:9123",)
+    if form != "--upstream":  # a reload (SIGHUP) of the file keeps --listen
+        assert server.adjust is not None
+        reloaded = server.adjust(proxycore.config.Config.load(sources[form]))
+        assert reloaded.server.listen == ("127.0.0.1:9123",)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_serve_without_listen_keeps_the_config_address(
+    tmp_path: Path, served: list[proxycore.server.Server]
+) -> None:
+    path = write(tmp_path, "proxycore.toml", VALID_TOML)
+    assert main(["serve", "--config", str(path), "--no-access-log"]) == 0
+    assert served[0].config.server.listen == ("127.0.0.1:9999",)
+    assert served[0].adjust is None
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_serve_invalid_listen_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], served: list[proxycore.server.Server]
+) -> None:
+    path = write(tmp_path, "proxycore.toml", VALID_TOML)
+    assert main(["serve", "--config", str(path), "--listen", "nowhere"]) == EXIT_CONFIG
+    assert served == []
+    assert "proxycore: --listen: expected 'host:port'" in capsys.readouterr().err

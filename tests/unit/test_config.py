@@ -226,7 +226,7 @@ def test_route_rejects(kwargs: dict[str, Any], expected: str) -> None:
 def test_route_accepts_edge_values() -> None:
     assert Route("/", "http://h/").prefix == "/"
     assert Route("/v1", "http://h/").prefix == "/v1"
-    assert Route("/a.b/..c/%2F/", "http://h/").prefix == "/a.b/..c/%2F/"
+    assert Route("/a.b/..c/", "http://h/").prefix == "/a.b/..c/"
     route = Route("/v1/", "https://h/", ca_file="/etc/ca.pem", accept_encoding="identity")
     assert route.ca_file == "/etc/ca.pem"
     assert route.accept_encoding == "identity"
@@ -660,7 +660,7 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
             "[server]\nmax_conections = 5\n" + ROUTE,
             "server.max_conections: unknown key (known: "
             "listen, max_connections, max_header_bytes, max_header_count, header_timeout, "
-            "keepalive_timeout, allow_public, shutdown_grace, workers); "
+            "keepalive_timeout, allow_public, shutdown_grace, workers, trusted_proxies); "
             "did you mean 'max_connections'?",
         ),
         (
@@ -677,7 +677,7 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
             "routes[0].upstrem: unknown key (known: prefix, upstream, "
             "strip_prefix, preserve_host, accept_encoding, ca_file, timeouts, inject, name, "
             "inbound, deny_git_push, methods, deny_paths, max_body_bytes, rate_limit, websocket, "
-            "ws, sse); "
+            "ws, sse, allow_encoded_slashes, merge_slashes); "
             "did you mean 'upstream'?",
         ),
         (ROUTE + "target = 'x'\n", "routes[0].target: unknown key"),
@@ -1091,3 +1091,86 @@ def test_legacy_secret_values_not_echoed(tmp_path: Path) -> None:
     problems = legacy_problems(tmp_path, {"routes": [entry]})
     assert len(problems) == 3
     assert all("SECRETVAL" not in p for p in problems)
+
+
+@pytest.mark.parametrize("prefix", ["/a%2Fb/", "/a;x/", "/a//b/", "/a\\b/"])
+def test_route_prefix_is_written_as_the_decision_path_sees_it(prefix: str) -> None:
+    with pytest.raises(ConfigError, match="prefix: is matched against the normalized"):
+        Route(prefix, "http://h/")
+
+
+def test_route_normalization_options() -> None:
+    route = Route("/", "http://h/", allow_encoded_slashes=True, merge_slashes=False)
+    assert (route.allow_encoded_slashes, route.merge_slashes) == (True, False)
+    with pytest.raises(ConfigError, match="merge_slashes"):
+        Route("/", "http://h/", merge_slashes="no")  # type: ignore[arg-type]
+
+
+def test_trusted_proxies(tmp_path: Path) -> None:
+    path = tmp_path / "proxycore.toml"
+    path.write_text(
+        '[server]\ntrusted_proxies = ["10.0.0.0/8", "192.0.2.7", "fd00::/8"]\n'
+        '[[routes]]\nprefix = "/"\nupstream = "http://h/"\n'
+    )
+    server = Config.from_toml(path).server
+    assert [str(n) for n in server.trusted_networks] == ["10.0.0.0/8", "192.0.2.7/32", "fd00::/8"]
+    path.write_text(
+        '[server]\ntrusted_proxies = ["10.0.0.0/8", "nope"]\n'
+        '[[routes]]\nprefix = "/"\nupstream = "http://h/"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        Config.from_toml(path)
+    assert f"{path}: server.trusted_proxies[1]: must be an IP address or CIDR" in str(info.value)
+
+
+# --------------------------------------------------------------------------- issue 10 (4, 5)
+
+
+def test_inbound_cache_anonymous_defaults_off_and_is_a_boolean(tmp_path: Path) -> None:
+    from proxycore.config import Inbound
+
+    assert Inbound().cache_anonymous is False
+    assert Inbound(cache_anonymous=True).cache_anonymous is True
+    with pytest.raises(ConfigError, match="cache_anonymous: expected a boolean"):
+        Inbound(cache_anonymous=1)  # type: ignore[arg-type]
+    path = write(tmp_path, "[inbound]\ncache_anonymous = true\n" + ROUTE)
+    assert Config.from_toml(path).inbound.cache_anonymous is True
+    problems = problems_of(tmp_path, '[inbound]\ncache_anonymous = "yes"\n' + ROUTE)
+    toml = tmp_path / "proxycore.toml"
+    assert problems == (f"{toml}: inbound.cache_anonymous: expected a boolean, got string 'yes'",)
+
+
+def test_websocket_routes_accept_ws_and_wss_upstreams() -> None:
+    ws = Route("/ws/", "ws://chat.internal:9000/socket/", websocket=True)
+    assert ws.target == Upstream("http", "chat.internal", 9000, "/socket/")
+    assert ws.upstream == "ws://chat.internal:9000/socket/"
+    wss = Route("/wss/", "wss://chat.internal/", websocket=True, ca_file="/ca.pem")
+    assert wss.target == Upstream("https", "chat.internal", 443, "/")
+    assert Route("/p/", "ws://h/", websocket=True).target.port == 80
+    with pytest.raises(ConfigError, match="ca_file: only allowed for https upstreams"):
+        Route("/ws/", "ws://h/", websocket=True, ca_file="/ca.pem")
+
+
+@pytest.mark.parametrize("upstream", ["ws://h/", "wss://h/", "WS://h/"])
+def test_ws_upstreams_are_refused_on_http_routes(upstream: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Route("/a/", upstream)
+    (problem,) = info.value.problems
+    assert problem.startswith("upstream: scheme must be http or https, got 'ws")
+    assert "only on websocket routes" in problem
+
+
+def test_websocket_route_upstream_scheme_problems_name_file_and_key(tmp_path: Path) -> None:
+    good = '[[routes]]\nprefix = "/ws/"\nupstream = "wss://h/"\nwebsocket = true\n'
+    route = Config.from_toml(write(tmp_path, good)).routes[0]
+    assert (route.target.scheme, route.target.port) == ("https", 443)
+    bad = '[[routes]]\nprefix = "/ws/"\nupstream = "ftp://h/"\nwebsocket = true\n'
+    problems = problems_of(tmp_path, bad)
+    toml = tmp_path / "proxycore.toml"
+    assert problems == (
+        f"{toml}: routes[0].upstream: scheme must be http, https, ws or wss, got 'ftp'",
+    )
+    plain = '[[routes]]\nprefix = "/a/"\nupstream = "ws://h/"\n'
+    assert problems_of(tmp_path, plain)[0].startswith(
+        f"{toml}: routes[0].upstream: scheme must be http or https, got 'ws'"
+    )
