@@ -2,7 +2,7 @@
 runs one spec; ``python -m bench.gen --serve`` runs one spec per stdin line and answers
 each with one stdout line (what the runner uses: the process starts once, not per run).
 
-The spec is :class:`proxycore.loadgen.LoadSpec`'s fields as JSON, except that the
+The spec is :class:`proxycore.tools.loadgen.LoadSpec`'s fields as JSON, except that the
 request body is given by its size (``"body_bytes": n`` sends ``n`` bytes of ``x``).
 The result written to FILE (or printed) is::
 
@@ -28,7 +28,7 @@ from typing import Any, Final, TextIO
 
 import trio
 
-from proxycore.loadgen import LoadResult, LoadSpec, run_load
+from proxycore.tools.loadgen import LoadResult, LoadSpec, run_load
 
 __all__ = ["DIST_PERCENTILES", "main", "run_spec", "serve", "spec_from_json"]
 

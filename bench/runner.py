@@ -385,7 +385,7 @@ class _Run:
                 "it may saturate before a fast proxy does."
             )
         self.notes += [
-            "The Python load generator (proxycore.loadgen, one process) shares a core with "
+            "The Python load generator (proxycore.tools.loadgen, one process) shares a core with "
             "the hypercorn upstream: `direct` is the ceiling of every rps row, and a fast "
             "proxy can look no faster than the generator.",
             "proxycore runs with its defaults (`serve --upstream`): 32 idle upstream "

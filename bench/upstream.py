@@ -1,6 +1,6 @@
 """``python -m bench.upstream --port N``: the simulated LLM upstream as its own process.
 
-Runs :func:`proxycore.sim.make_app` under hypercorn's trio worker until SIGTERM/SIGINT.
+Runs :func:`proxycore.tools.sim.make_app` under hypercorn's trio worker until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from functools import partial
 
 import trio
 
-from proxycore.sim import make_app, serve_app
+from proxycore.tools.sim import make_app, serve_app
 
 __all__ = ["main"]
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import trio
 
 from proxycore import Config, Route, ServerSettings, Timeouts, serve
-from proxycore.config import SSESettings
-from proxycore.hooks import ExchangeInfo, Hooks, Request, Response, Summary
-from proxycore.sse import SSEEvent
+from proxycore.config.model import SSESettings
+from proxycore.proxy.hooks import ExchangeInfo, Hooks, Request, Response, Summary
+from proxycore.http.sse import SSEEvent
 
 Row = tuple[str, str | None, str, str, str]  # request_id, session_id, role, text, outcome
 

@@ -33,13 +33,13 @@ from .config import ServerSettings as ServerSettings
 from .config import SSESettings as SSESettings
 from .config import Timeouts as Timeouts
 from .config import WebSocketSettings as WebSocketSettings
-from .hooks import ExchangeInfo as ExchangeInfo
-from .hooks import Hooks as Hooks
-from .hooks import Request as Request
-from .hooks import Response as Response
-from .hooks import Summary as Summary
-from .server import serve as serve
-from .sse import SSEEvent as SSEEvent
+from .http.sse import SSEEvent as SSEEvent
+from .ops.server import serve as serve
+from .proxy.hooks import ExchangeInfo as ExchangeInfo
+from .proxy.hooks import Hooks as Hooks
+from .proxy.hooks import Request as Request
+from .proxy.hooks import Response as Response
+from .proxy.hooks import Summary as Summary
 
 __all__ = [
     "AdminSettings",

@@ -13,7 +13,7 @@ import json
 
 import trio
 
-from proxycore.sim import ASGIApp, Receive, Scope, Send
+from proxycore.tools.sim import ASGIApp, Receive, Scope, Send
 
 __all__ = [
     "echo_app",

@@ -8,7 +8,7 @@ import h11
 import trio
 
 from proxycore import Config, PoolSettings, Route, ServerSettings, Timeouts, serve
-from proxycore.sim import ASGIApp, serve_app
+from proxycore.tools.sim import ASGIApp, serve_app
 
 __all__ = [
     "http_request",

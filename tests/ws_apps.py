@@ -28,7 +28,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from proxycore.sim import ASGIApp, Receive, Scope, Send
+from proxycore.tools.sim import ASGIApp, Receive, Scope, Send
 from tests.helpers import read_until, start_raw_server
 
 __all__ = [

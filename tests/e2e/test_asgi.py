@@ -1,6 +1,6 @@
-"""``ProxyApp`` (proxycore/asgi.py) served by hypercorn's trio worker, end to end.
+"""``ProxyApp`` (proxycore/proxy/asgi.py) served by hypercorn's trio worker, end to end.
 
-The proxy app runs under hypercorn on 127.0.0.1 (``proxycore.sim.serve_app``, which runs
+The proxy app runs under hypercorn on 127.0.0.1 (``proxycore.tools.sim.serve_app``, which runs
 lifespan); upstreams are ``tests.apps`` apps under hypercorn, or raw sockets where bytes,
 timing or connection counts matter. The HTTP/1.1 client is ``ProxyClient`` from
 ``test_streaming`` (h11, client role), so a truncated body is told apart from a complete
@@ -25,9 +25,9 @@ import pytest
 import trio
 
 from proxycore import Config, Route
-from proxycore.asgi import ProxyApp
 from proxycore.config import Inbound
-from proxycore.secrets import generate_secret
+from proxycore.proxy.asgi import ProxyApp
+from proxycore.security.secrets import generate_secret
 from tests.apps import echo_app, sse_event
 from tests.e2e.test_streaming import (
     LAST_CHUNK,

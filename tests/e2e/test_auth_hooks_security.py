@@ -25,10 +25,10 @@ import trio
 import trustme
 
 from proxycore import Config, Route, ServerSettings, serve
-from proxycore.asgi import ProxyApp
 from proxycore.config import Inbound
-from proxycore.hooks import ExchangeInfo, Headers, Hooks, Request, Response
-from proxycore.sim import Receive, Scope, Send
+from proxycore.proxy.asgi import ProxyApp
+from proxycore.proxy.hooks import ExchangeInfo, Headers, Hooks, Request, Response
+from proxycore.tools.sim import Receive, Scope, Send
 from tests.apps import echo_app
 from tests.e2e.test_asgi import free_port
 from tests.e2e.test_tls import serve_tls_app, write_ca, write_cert

@@ -27,7 +27,7 @@ import trio
 
 from proxycore import Config, Route, ServerSettings, serve
 from proxycore.config import Inbound
-from proxycore.sim import Receive, Scope, Send
+from proxycore.tools.sim import Receive, Scope, Send
 from tests.helpers import start_app, start_proxy, start_raw_server
 
 CAP: Final = 10

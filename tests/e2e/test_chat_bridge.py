@@ -22,8 +22,8 @@ import trio
 
 from examples.chat_bridge import ChatStore, Row, main, make_config, make_hooks
 from proxycore import serve
-from proxycore.sim import ASGIApp, Receive, Scope, Send
-from proxycore.sse import SSEEvent, SSEParser
+from proxycore.http.sse import SSEEvent, SSEParser
+from proxycore.tools.sim import ASGIApp, Receive, Scope, Send
 from tests.helpers import read_http_response, start_app
 
 CAP: Final = 10.0

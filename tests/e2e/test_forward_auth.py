@@ -24,7 +24,7 @@ from trio.testing import MockClock
 
 from proxycore import Config, Route, ServerSettings, serve
 from proxycore.config import Inbound
-from proxycore.sim import Receive, Scope, Send
+from proxycore.tools.sim import Receive, Scope, Send
 from tests.apps import echo_app
 from tests.helpers import http_request, start_app, start_raw_server
 

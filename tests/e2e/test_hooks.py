@@ -1,9 +1,9 @@
-"""Hooks of the embedded library (``proxycore.hooks``), end to end.
+"""Hooks of the embedded library (``proxycore.proxy.hooks``), end to end.
 
 The proxy is started with ``await nursery.start(functools.partial(serve, config,
 hooks=Hooks(...)))``. Upstreams are hypercorn (``echo_app``) where the request seen
 upstream matters, raw sockets where bytes or timing matter. Hook failures are checked
-on the ``proxycore.exchange`` logger and by reusing the client connection afterwards.
+on the ``proxycore.proxy.exchange`` logger and by reusing the client connection afterwards.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from trio.testing import MockClock
 
 from proxycore import Config, Route, ServerSettings, serve
 from proxycore.config import SSESettings
-from proxycore.hooks import ExchangeInfo, Headers, Hooks, Request, Response, Summary
-from proxycore.sse import SSEEvent, SSEParser
+from proxycore.http.sse import SSEEvent, SSEParser
+from proxycore.proxy.hooks import ExchangeInfo, Headers, Hooks, Request, Response, Summary
 from tests.apps import echo_app
 from tests.helpers import read_until, start_app, start_raw_server
 

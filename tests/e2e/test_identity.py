@@ -9,9 +9,9 @@ from pathlib import Path
 import trio
 
 import proxycore
-from proxycore.client import fetch
-from proxycore.secrets import generate_secret
-from proxycore.sim import make_app
+from proxycore.net.client import fetch
+from proxycore.security.secrets import generate_secret
+from proxycore.tools.sim import make_app
 from tests.helpers import start_app
 
 

@@ -1,6 +1,6 @@
 """Lifecycle of a running proxy: reload, graceful shutdown, force, and signals.
 
-In-process tests run ``proxycore.server.Server`` in the test's trio run, with raw
+In-process tests run ``proxycore.ops.server.Server`` in the test's trio run, with raw
 upstreams (``RawUpstream``) that the test drives step by step, so "the stream was
 still running when X happened" is a fact, not a timing guess. Timing is real (no
 MockClock: the sockets are real), so grace periods are kept short where the test has
@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxycore import Config, Route, ServerSettings
 from proxycore.config import AdminSettings
-from proxycore.server import Server
+from proxycore.ops.server import Server
 from tests.apps import sse_event
 from tests.e2e.test_streaming import LAST_CHUNK, SSE_HEAD, chunk, header, open_client
 from tests.helpers import http_request, read_until, start_raw_server

@@ -1,6 +1,6 @@
-"""The load generator (proxycore.loadgen) and its command line (proxycore.loadtest_cli).
+"""The load generator (proxycore.tools.loadgen) and its command line (proxycore.cli.loadtest).
 
-Upstreams: the LLM-like simulator (``proxycore.sim``, hypercorn) for realistic runs,
+Upstreams: the LLM-like simulator (``proxycore.tools.sim``, hypercorn) for realistic runs,
 and raw sockets (``start_raw_server``) wherever the bytes on the wire or the number
 of accepted connections matter. Every test is capped with ``fail_after``; the whole
 file runs in a few seconds on real clocks, so time bounds asserted here are loose.
@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxycore import loadtest_cli
-from proxycore.hdr import LOWEST
-from proxycore.loadgen import ERROR_KINDS, LoadProgress, LoadResult, LoadSpec, run_load
-from proxycore.sim import Receive, Scope, Send, make_app
+from proxycore.cli import loadtest as loadtest_cli
+from proxycore.tools.hdr import LOWEST
+from proxycore.tools.loadgen import ERROR_KINDS, LoadProgress, LoadResult, LoadSpec, run_load
+from proxycore.tools.sim import Receive, Scope, Send, make_app
 from tests.helpers import start_app, start_raw_server
 
 SSE_HEAD = (

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxycore import Config, Route, ServerSettings
 from proxycore.config import AdminSettings
-from proxycore.server import Server
+from proxycore.ops.server import Server
 from tests.apps import echo_app, sse_event
 from tests.e2e.test_lifecycle import RawUpstream, reserved_port, start_server
 from tests.e2e.test_streaming import header, open_client

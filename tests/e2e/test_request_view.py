@@ -1,7 +1,7 @@
 """End to end: every decision is made on the request the upstream will act on.
 
 Routing, policy, auth, hooks, the access log and the forwarded target all use the one
-normalized view (proxycore.target.parse_target); repeated singleton fields, a bad Host,
+normalized view (proxycore.http.target.parse_target); repeated singleton fields, a bad Host,
 TRACE/CONNECT and client-supplied forwarding headers are refused or dropped; only a
 trusted proxy may say who the client is.
 """
@@ -18,8 +18,8 @@ import trio
 
 from proxycore import Config, Inject, Route, ServerSettings, serve
 from proxycore.config import Inbound, RateLimit
-from proxycore.hooks import Hooks, Request, Response
-from proxycore.secrets import generate_secret
+from proxycore.proxy.hooks import Hooks, Request, Response
+from proxycore.security.secrets import generate_secret
 from tests.e2e.test_forward_auth import AuthService
 from tests.e2e.test_smuggling import RecordingUpstream, read_to_eof
 from tests.helpers import start_app

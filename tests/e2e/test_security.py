@@ -1,5 +1,5 @@
 """End-to-end admission: credential injection, identity stripping, inbound bearer auth,
-safe binding, per-route policy and rate limits (see ``proxycore/security.py``).
+safe binding, per-route policy and rate limits (see ``proxycore/security/admission.py``).
 
 Real sockets on 127.0.0.1. Upstreams are ``echo_app`` under hypercorn where the headers the
 upstream received matter, or raw sockets where connections must be counted or where time is
@@ -24,10 +24,10 @@ import trio
 from trio.testing import MockClock
 
 from proxycore import Config, ConfigError, Inject, Route, ServerSettings, serve
-from proxycore.cli import main as cli_main
+from proxycore.cli.commands import main as cli_main
 from proxycore.config import Inbound, RateLimit
-from proxycore.secrets import SecretError, generate_secret
-from proxycore.sim import ASGIApp, Receive, Scope, Send
+from proxycore.security.secrets import SecretError, generate_secret
+from proxycore.tools.sim import ASGIApp, Receive, Scope, Send
 from tests.apps import echo_app
 from tests.helpers import http_request, read_until, start_app, start_raw_server
 

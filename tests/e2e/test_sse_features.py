@@ -26,13 +26,13 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-import proxycore.transcript
+import proxycore.observe.transcript
 from proxycore import Config, Route, ServerSettings, Timeouts, serve
 from proxycore.config import SSESettings
-from proxycore.hooks import ExchangeInfo, Hooks
-from proxycore.sse import HEARTBEAT, SSEEvent, SSEParser
-from proxycore.sse_relay import SSERelay
-from proxycore.stream import RawStream
+from proxycore.http.sse import HEARTBEAT, SSEEvent, SSEParser
+from proxycore.net.stream import RawStream
+from proxycore.proxy.hooks import ExchangeInfo, Hooks
+from proxycore.proxy.sse_relay import SSERelay
 from tests.helpers import read_until, start_proxy, start_raw_server
 
 #: Outer cap of every test, in mock time where the test uses the mock clock.
@@ -912,14 +912,14 @@ async def test_slow_transcript_writer_does_not_delay_delivery(
     path = tmp_path / "t.jsonl"
     gate = threading.Event()
     started = threading.Event()
-    real_append = proxycore.transcript._append
+    real_append = proxycore.observe.transcript._append
 
     def stuck_append(target: str, line: bytes) -> None:
         started.set()
         gate.wait(5.0)  # bounded: a proxy blocking its event loop here still ends
         real_append(target, line)
 
-    monkeypatch.setattr(proxycore.transcript, "_append", stuck_append)
+    monkeypatch.setattr(proxycore.observe.transcript, "_append", stuck_append)
     events = [b"data: %d\n\n" % n for n in range(5)]
     go_send, go_recv = trio.open_memory_channel[None](0)
 

@@ -19,7 +19,7 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hyper_serve
 
 from proxycore import Route, Timeouts
-from proxycore.sim import ASGIApp
+from proxycore.tools.sim import ASGIApp
 from tests.apps import echo_app
 from tests.helpers import http_request, start_proxy
 

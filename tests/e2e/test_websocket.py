@@ -1,4 +1,4 @@
-"""WebSocket proxying end to end (``proxycore/websocket.py``).
+"""WebSocket proxying end to end (``proxycore/proxy/websocket.py``).
 
 Real sockets on 127.0.0.1. Upstreams: hypercorn ASGI apps (``tests/ws_apps.py``) where the
 messages and the handshake the upstream got matter; a trio-websocket server
@@ -28,8 +28,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 from proxycore import Config, Inject, Route, ServerSettings, Timeouts, serve
 from proxycore.config import Inbound, WebSocketSettings
-from proxycore.secrets import generate_secret
-from proxycore.server import Server
+from proxycore.ops.server import Server
+from proxycore.security.secrets import generate_secret
 from tests.e2e.test_tls import serve_tls_app, write_ca, write_cert
 from tests.helpers import read_http_response, read_until, start_app, start_raw_server
 from tests.ws_apps import (

@@ -1,4 +1,4 @@
-"""Tests for proxycore.chunked: the strict incremental chunked-body scanner."""
+"""Tests for proxycore.http.chunked: the strict incremental chunked-body scanner."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import proxycore.chunked
-from proxycore.chunked import LAST_CHUNK, ChunkedError, ChunkedScanner, encode_chunk_header
+import proxycore.http.chunked
+from proxycore.http.chunked import LAST_CHUNK, ChunkedError, ChunkedScanner, encode_chunk_header
 
 NEXT = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"  # a pipelined request after the body
 SECRET = b"sk-live-hunter2-TOPSECRET"
@@ -246,7 +246,7 @@ def test_encode_chunk_header_and_last_chunk() -> None:
 
 
 def test_module_does_not_import_trio() -> None:
-    tree = ast.parse(Path(proxycore.chunked.__file__).read_text())
+    tree = ast.parse(Path(proxycore.http.chunked.__file__).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             assert all(not a.name.startswith("trio") for a in node.names)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import proxycore.cli
-import proxycore.server
-from proxycore.cli import EXIT_CONFIG, main
+import proxycore.cli.commands
+import proxycore.config
+import proxycore.ops.server
+from proxycore.cli.commands import EXIT_CONFIG, main
 
 VALID_TOML = """\
 [server]
@@ -104,10 +105,10 @@ def no_serving(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Replace the server so a wrongly accepted config fails the test instead of serving."""
     calls: list[object] = []
 
-    async def fake_run(server: proxycore.server.Server, *args: object) -> None:
+    async def fake_run(server: proxycore.ops.server.Server, *args: object) -> None:
         calls.append(server.config)
 
-    monkeypatch.setattr(proxycore.cli, "_run_process", fake_run)
+    monkeypatch.setattr(proxycore.cli.commands, "_run_process", fake_run)
     return calls
 
 
@@ -256,14 +257,14 @@ def test_check_shows_injection_with_the_token_hidden(
 
 
 @pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> list[proxycore.server.Server]:
+def served(monkeypatch: pytest.MonkeyPatch) -> list[proxycore.ops.server.Server]:
     """Replace running the server: the ``Server`` that would have run is recorded."""
-    servers: list[proxycore.server.Server] = []
+    servers: list[proxycore.ops.server.Server] = []
 
-    async def fake_run(server: proxycore.server.Server, *args: object) -> None:
+    async def fake_run(server: proxycore.ops.server.Server, *args: object) -> None:
         servers.append(server)
 
-    monkeypatch.setattr(proxycore.cli, "_run_process", fake_run)
+    monkeypatch.setattr(proxycore.cli.commands, "_run_process", fake_run)
     return servers
 
 
@@ -272,7 +273,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[proxycore.server.Server]:
 def test_serve_listen_applies_to_every_source(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    served: list[proxycore.server.Server],
+    served: list[proxycore.ops.server.Server],
     form: str,
 ) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "k1")
@@ -294,7 +295,7 @@ def test_serve_listen_applies_to_every_source(
 
 @pytest.mark.usefixtures("restore_logging")
 def test_serve_without_listen_keeps_the_config_address(
-    tmp_path: Path, served: list[proxycore.server.Server]
+    tmp_path: Path, served: list[proxycore.ops.server.Server]
 ) -> None:
     path = write(tmp_path, "proxycore.toml", VALID_TOML)
     assert main(["serve", "--config", str(path), "--no-access-log"]) == 0
@@ -304,7 +305,7 @@ def test_serve_without_listen_keeps_the_config_address(
 
 @pytest.mark.usefixtures("restore_logging")
 def test_serve_invalid_listen_exits_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], served: list[proxycore.server.Server]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], served: list[proxycore.ops.server.Server]
 ) -> None:
     path = write(tmp_path, "proxycore.toml", VALID_TOML)
     assert main(["serve", "--config", str(path), "--listen", "nowhere"]) == EXIT_CONFIG

@@ -81,7 +81,7 @@ def test_module_is_pure() -> None:
         "pkg = types.ModuleType('proxycore')\n"
         f"pkg.__path__ = [{str(package)!r}]\n"
         "sys.modules['proxycore'] = pkg\n"
-        "import proxycore.config as module\n"
+        "import proxycore.config.model as module\n"
         "module.Config(routes=(module.Route('/', 'http://h/'),))\n"
         "print('ok')\n"
     )

@@ -19,13 +19,13 @@ from urllib.parse import urlsplit
 import pytest
 
 from proxycore.config import Config
-from proxycore.security import exposure_problem
+from proxycore.security.admission import exposure_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 EXAMPLE = ROOT / "examples" / "proxycore.toml"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
-ADMIN_SOURCE = ROOT / "proxycore" / "admin.py"
+ADMIN_SOURCE = ROOT / "proxycore" / "ops" / "admin.py"
 INSTALL_CHECK = ROOT / ".ci" / "docker-install-check"
 DOCKERIGNORE = ROOT / ".dockerignore"
 

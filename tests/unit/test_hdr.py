@@ -1,4 +1,4 @@
-"""proxycore.hdr.Histogram against an exact sorted reference (nearest-rank percentiles)."""
+"""proxycore.tools.hdr.Histogram against an exact sorted reference (nearest-rank percentiles)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxycore.hdr import HIGHEST, LOWEST, SUB_BUCKETS, Histogram
+from proxycore.tools.hdr import HIGHEST, LOWEST, SUB_BUCKETS, Histogram
 
 QUANTILES = (0.0, 1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 99.0, 99.9, 99.99, 100.0)
 

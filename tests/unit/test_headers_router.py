@@ -1,5 +1,5 @@
-"""Pure tests of proxycore.headers (framing, header rewriting, request ids) and
-proxycore.router (target checks, longest-prefix matching)."""
+"""Pure tests of proxycore.http.headers (framing, header rewriting, request ids) and
+proxycore.http.router (target checks, longest-prefix matching)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from proxycore.config import Route
 from proxycore.errors import BadRequest, UpstreamProtocolError
-from proxycore.headers import (
+from proxycore.http.headers import (
     CHUNKED,
     HOP_BY_HOP,
     NO_BODY,
@@ -24,8 +24,8 @@ from proxycore.headers import (
     serialize_head,
     upstream_request_headers,
 )
-from proxycore.router import Router
-from proxycore.target import parse_target
+from proxycore.http.router import Router
+from proxycore.http.target import parse_target
 
 # =========================================================================== request framing
 

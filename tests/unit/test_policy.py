@@ -1,4 +1,4 @@
-"""Pure tests of proxycore.policy: git push detection, the per-route Policy and validators."""
+"""Pure tests of proxycore.security.policy: git push detection, Policy and validators."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ from collections.abc import Sequence
 
 import pytest
 
-from proxycore.policy import Policy, Refusal, is_git_push, validate_methods, validate_pattern
-from proxycore.target import parse_target
+from proxycore.http.target import parse_target
+from proxycore.security.policy import (
+    Policy,
+    Refusal,
+    is_git_push,
+    validate_methods,
+    validate_pattern,
+)
 
 
 def _view(target: bytes) -> str:

@@ -1,4 +1,4 @@
-"""Pure tests of proxycore.ratelimit: per-key token buckets and concurrency limits.
+"""Pure tests of proxycore.security.ratelimit: per-key token buckets and concurrency limits.
 
 The clock is always passed explicitly as ``now`` (seconds)."""
 
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from proxycore.ratelimit import ConcurrencyLimit, TokenBucket
+from proxycore.security.ratelimit import ConcurrencyLimit, TokenBucket
 
 # =========================================================================== TokenBucket
 

@@ -1,4 +1,4 @@
-"""proxycore.request_head: singleton fields, Host syntax, and the client address."""
+"""proxycore.http.request_head: singleton fields, Host syntax, and the client address."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from proxycore.errors import BadRequest
-from proxycore.request_head import check_head, client_address, valid_host
+from proxycore.http.request_head import check_head, client_address, valid_host
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""proxycore.secrets: token sources, the inbound bearer secret file, generate and check."""
+"""proxycore.security.secrets: token sources, the inbound bearer secret file, generate and check."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from proxycore.secrets import (
+from proxycore.security.secrets import (
     MIN_SECRET_LENGTH,
     InboundSecrets,
     SecretError,

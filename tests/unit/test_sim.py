@@ -1,4 +1,4 @@
-"""Real-socket tests for proxycore.sim and the tests/apps.py upstreams."""
+"""Real-socket tests for proxycore.tools.sim and the tests/apps.py upstreams."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import h11
 import pytest
 import trio
 
-from proxycore.sim import Message, Receive, Scope, Send, make_app, parse_event_data, serve_app
+from proxycore.tools.sim import Message, Receive, Scope, Send, make_app, parse_event_data, serve_app
 from tests.apps import (
     echo_app,
     make_huge_app,

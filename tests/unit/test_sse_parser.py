@@ -1,4 +1,4 @@
-"""The incremental SSE parser (``proxycore.sse``): WHATWG event-stream rules at any split.
+"""The incremental SSE parser (``proxycore.http.sse``): WHATWG event-stream rules at any split.
 
 Every stream in the table is fed whole, one byte at a time, and cut in two at every
 position: the parser must give the same events, ``last_id`` and boundary state each
@@ -15,7 +15,7 @@ from typing import Final
 
 import pytest
 
-from proxycore.sse import HEARTBEAT, SSEEvent, SSEParser, error_event, is_event_stream
+from proxycore.http.sse import HEARTBEAT, SSEEvent, SSEParser, error_event, is_event_stream
 
 BOM: Final = b"\xef\xbb\xbf"
 

@@ -1,4 +1,4 @@
-"""The one view of the request target (proxycore.target) and the decisions made on it.
+"""The one view of the request target (proxycore.http.target) and the decisions made on it.
 
 The property tests generate targets from pieces attackers use (encoded letters, dots and
 slashes, ``;params``, empty segments, overlong UTF-8) and check that every decision the proxy
@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from proxycore.config import Route
 from proxycore.errors import BadRequest
-from proxycore.policy import Policy, is_git_push
-from proxycore.router import Router
-from proxycore.target import parse_target
+from proxycore.http.router import Router
+from proxycore.http.target import parse_target
+from proxycore.security.policy import Policy, is_git_push
 
 # =========================================================================== the rules, one by one
 

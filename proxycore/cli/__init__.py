@@ -1,0 +1,5 @@
+"""The command line (``proxycore ...``): :func:`main`."""
+
+from .commands import main
+
+__all__ = ["main"]

@@ -1,0 +1,297 @@
+"""Header rewriting and body framing decisions. Pure module (bytes in, bytes out).
+
+Order matters for safety: client headers are filtered first (hop-by-hop, every
+name listed in ``Connection``, and every header the proxy owns), and the
+proxy's own headers are appended after, so no client can remove or override
+them with ``Connection: <name>``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Final, Literal
+
+from ..errors import BadRequest, UpstreamProtocolError
+
+__all__ = [
+    "HOP_BY_HOP",
+    "Framing",
+    "Headers",
+    "connection_tokens",
+    "invalid_header_problem",
+    "reason_phrase",
+    "request_framing",
+    "request_id_from",
+    "response_framing",
+    "serialize_head",
+]
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Request headers the proxy sets itself; client copies never pass.
+PROXY_OWNED_REQUEST: Final = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-real-ip",
+        b"forwarded",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-http-method-override",
+        b"x-request-id",
+    }
+)
+
+#: Response headers the proxy sets itself.
+PROXY_OWNED_RESPONSE: Final = frozenset({b"content-length", b"x-request-id"})
+
+_REQUEST_ID_OK: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+BodyKind = Literal["none", "length", "chunked", "close"]
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    kind: BodyKind
+    length: int = 0
+
+
+NO_BODY: Final = Framing("none")
+CHUNKED: Final = Framing("chunked")
+UNTIL_CLOSE: Final = Framing("close")
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Lower-cased names listed in every ``Connection`` header."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return frozenset(tokens)
+
+
+def _values(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> list[bytes]:
+    return [v for n, v in headers if n.lower() == wanted]
+
+
+def _content_length(values: list[bytes], error: type[Exception]) -> int:
+    lengths = {v.strip() for value in values for v in value.split(b",")}
+    if len(lengths) != 1:
+        raise error("conflicting Content-Length values")
+    (raw,) = lengths
+    if not raw.isdigit() or len(raw) > 18:
+        raise error("malformed Content-Length")
+    return int(raw)
+
+
+def request_framing(headers: Headers, http_version: bytes) -> Framing:
+    """How the client frames its request body (RFC 9112 section 6.3).
+
+    Refuses what request smuggling relies on, even where h11 lets it through:
+    Content-Length together with Transfer-Encoding, differing duplicate
+    Content-Length, any Transfer-Encoding other than exactly ``chunked``, and
+    Transfer-Encoding on HTTP/1.0.
+    """
+    te = _values(headers, b"transfer-encoding")
+    cl = _values(headers, b"content-length")
+    if te:
+        if cl:
+            raise BadRequest("both Content-Length and Transfer-Encoding are present")
+        if http_version != b"1.1":
+            raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0")
+        if len(te) != 1 or te[0].strip().lower() != b"chunked":
+            raise BadRequest("Transfer-Encoding must be exactly 'chunked'")
+        return CHUNKED
+    if cl:
+        n = _content_length(cl, BadRequest)
+        return Framing("length", n) if n else NO_BODY
+    return NO_BODY
+
+
+def response_framing(method: bytes, status: int, headers: Headers) -> Framing:
+    """How the upstream frames its response body (RFC 9112 section 6.3).
+
+    A body with both Content-Length and Transfer-Encoding is refused (502), not
+    guessed at: RFC 9112 section 6.3 calls it a possible smuggling or splitting attempt.
+    """
+    if method == b"HEAD" or status < 200 or status in (204, 304):
+        return NO_BODY
+    te = _values(headers, b"transfer-encoding")
+    cl = _values(headers, b"content-length")
+    if te and cl:
+        raise UpstreamProtocolError(
+            "upstream response has both Content-Length and Transfer-Encoding"
+        )
+    if te:
+        codings = [c.strip().lower() for v in te for c in v.split(b",")]
+        if codings[-1] != b"chunked":
+            return UNTIL_CLOSE
+        return CHUNKED
+    if cl:
+        return Framing("length", _content_length(cl, UpstreamProtocolError))
+    return UNTIL_CLOSE
+
+
+def request_id_from(headers: Headers) -> str:
+    """The client's X-Request-ID if it is sane, else a fresh random one."""
+    for name, value in headers:
+        if name.lower() == b"x-request-id" and _REQUEST_ID_OK.fullmatch(value):
+            return value.decode("ascii")
+    return os.urandom(12).hex()
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase (``b"Client Closed Request"`` for nginx's 499)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Client Closed Request" if status == 499 else b""
+
+
+def serialize_head(start_line: bytes, headers: Headers) -> bytes:
+    """``start_line`` plus header lines plus the blank line, as one bytes object."""
+    parts = [start_line]
+    for name, value in headers:
+        parts.append(name + b": " + value + b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def upstream_request_headers(
+    client: Headers,
+    *,
+    host: bytes,
+    forwarded_for: bytes,
+    request_id: bytes,
+    framing: Framing,
+    identity_encoding: bool,
+    drop: frozenset[bytes] = frozenset(),
+    extra: Headers | None = None,
+) -> Headers:
+    """The header list sent upstream for one request.
+
+    ``client`` keeps its original name casing. Hop-by-hop headers, headers
+    named in ``Connection``, the headers the proxy owns, and the names in
+    ``drop`` (lower case) are dropped, each also in its ``_`` spelling (so
+    ``X_Authenticated_User`` can't pass for ``X-Authenticated-User``); the
+    proxy's own and ``extra`` are appended after. ``forwarded_for`` is the
+    whole X-Forwarded-For value (see :func:`proxycore.request_head.client_address`:
+    a client's own chain is kept only when its peer is a trusted proxy).
+    """
+    dropped = connection_tokens(client) | HOP_BY_HOP | drop
+    out: Headers = []
+    forwarded_host = b""
+    for name, value in client:
+        lname = name.lower()
+        if b"_" in lname:
+            # Many frameworks read X_Foo and X-Foo as the same header: treat them so.
+            lname = lname.replace(b"_", b"-")
+        if lname in dropped:
+            continue
+        if lname in PROXY_OWNED_REQUEST:
+            if lname == b"host":
+                forwarded_host = value
+            continue
+        if identity_encoding and lname == b"accept-encoding":
+            continue
+        out.append((name, value))
+    out.append((b"Host", host))
+    out.append((b"X-Forwarded-For", forwarded_for))
+    out.append((b"X-Forwarded-Proto", b"http"))
+    if forwarded_host:
+        out.append((b"X-Forwarded-Host", forwarded_host))
+    out.append((b"X-Request-ID", request_id))
+    if identity_encoding:
+        out.append((b"Accept-Encoding", b"identity"))
+    if extra:
+        out.extend(extra)
+    if framing.kind == "length":
+        out.append((b"Content-Length", b"%d" % framing.length))
+    elif framing.kind == "chunked":
+        out.append((b"Transfer-Encoding", b"chunked"))
+    return out
+
+
+def downstream_response_headers(
+    upstream: Headers,
+    *,
+    request_id: bytes,
+    framing: Framing,
+    keep_length: bool,
+    close: bool,
+) -> Headers:
+    """The header list sent to the client for one upstream response.
+
+    ``framing`` is how the proxy frames the body to the client. With
+    ``keep_length`` (HEAD, 304) the upstream's Content-Length is kept as it
+    describes the representation, not this message.
+    """
+    dropped = connection_tokens(upstream) | HOP_BY_HOP
+    out: Headers = []
+    for name, value in upstream:
+        lname = name.lower()
+        if lname in dropped:
+            continue
+        if lname in PROXY_OWNED_RESPONSE and not (keep_length and lname == b"content-length"):
+            continue
+        out.append((name, value))
+    if framing.kind == "length":
+        out.append((b"Content-Length", b"%d" % framing.length))
+    elif framing.kind == "chunked":
+        out.append((b"Transfer-Encoding", b"chunked"))
+    out.append((b"X-Request-ID", request_id))
+    if close:
+        out.append((b"Connection", b"close"))
+    return out
+
+
+_FIELD_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+#: Control characters other than HTAB (CR, LF and NUL among them): never in a field value.
+_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def invalid_header_problem(headers: object) -> str | None:
+    """What is wrong with a header list from a hook, or None if it is safe to serialize.
+
+    A list (or tuple) of ``(bytes, bytes)`` pairs; names RFC 9110 tokens; values without
+    control characters except HTAB (no CR, LF or NUL). The problem names the field's
+    position and what is wrong, never its value.
+    """
+    if not isinstance(headers, list | tuple):
+        return f"headers must be a list of (name, value) pairs, got {type(headers).__name__}"
+    for index, item in enumerate(headers):
+        if not (isinstance(item, tuple | list) and len(item) == 2):
+            return f"header {index} is not a (name, value) pair"
+        name, value = item
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            return f"header {index}: name and value must be bytes"
+        if not _FIELD_NAME.fullmatch(name):
+            return f"header {index}: the name is not a valid field name (RFC 9110 token)"
+        if _BAD_VALUE.search(value):
+            return f"header {index}: the value contains a control character (CR, LF, NUL...)"
+    return None

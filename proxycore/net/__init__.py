@@ -1,0 +1,1 @@
+"""The I/O edge: streams, TLS, the upstream pool, body pumps."""

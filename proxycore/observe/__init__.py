@@ -1,0 +1,1 @@
+"""What an exchange leaves behind: access log, metrics, transcripts."""

@@ -1,0 +1,162 @@
+"""Prometheus metrics (prometheus-client), one registry per running proxy.
+
+Counters and histograms are updated once per exchange, from its access-log
+record (``observe``), never per chunk; labelled children are cached per route
+so the hot path skips prometheus-client's label lookup. Gauges that describe
+the current state (connections, exchanges in flight, pool, config generation)
+are computed at scrape time by a collector, so they cost nothing per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..observe.accesslog import ExchangeRecord
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from ..proxy.state import ProxyState
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+)
+_STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class _RouteMetrics:
+    __slots__ = ("bytes_in", "bytes_out", "duration", "requests", "ttfb")
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self.requests = {c: metrics.requests.labels(route, c) for c in _STATUS_CLASSES}
+        self.ttfb = metrics.ttfb.labels(route)
+        self.duration = metrics.duration.labels(route)
+        self.bytes_in = metrics.bytes.labels(route, "in")
+        self.bytes_out = metrics.bytes.labels(route, "out")
+
+
+class _StateCollector(Collector):
+    def __init__(self, state: ProxyState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state
+        yield GaugeMetricFamily(
+            "proxycore_exchanges_in_flight",
+            "Exchanges being proxied now.",
+            value=state.exchanges_in_flight,
+        )
+        yield GaugeMetricFamily(
+            "proxycore_client_connections",
+            "Open client connections.",
+            value=state.open_connections,
+        )
+        yield GaugeMetricFamily(
+            "proxycore_config_generation",
+            "Generation of the config in use (1 at start, +1 per successful reload).",
+            value=state.snapshot.generation,
+        )
+        pool = GaugeMetricFamily(
+            "proxycore_pool_connections",
+            "Upstream connections by origin and state.",
+            labels=["upstream", "state"],
+        )
+        idle = state.pool.counts()
+        busy = state.pool.busy
+        for origin in sorted(set(idle) | set(busy), key=str):
+            scheme, host, port, _ = origin
+            name = f"{scheme}://{host}:{port}"
+            pool.add_metric([name, "idle"], idle.get(origin, 0))
+            pool.add_metric([name, "busy"], busy.get(origin, 0))
+        yield pool
+
+
+class Metrics:
+    def __init__(self, state: ProxyState) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter(
+            "proxycore_requests",
+            "Requests answered, by route and status class.",
+            ["route", "status_class"],
+            registry=reg,
+        )
+        self.ttfb = Histogram(
+            "proxycore_upstream_ttfb_seconds",
+            "Time from request start to the first upstream response byte.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.duration = Histogram(
+            "proxycore_exchange_duration_seconds",
+            "Whole exchange duration.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_errors = Counter(
+            "proxycore_upstream_errors",
+            "Upstream failures by kind (connect, timeout, reset, protocol).",
+            ["route", "kind"],
+            registry=reg,
+        )
+        self.bytes = Counter(
+            "proxycore_body_bytes",
+            "Body bytes by route and direction (in: from clients, out: to clients).",
+            ["route", "direction"],
+            registry=reg,
+        )
+        self.reloads = Counter(
+            "proxycore_reloads", "Config reloads by outcome.", ["outcome"], registry=reg
+        )
+        reg.register(_StateCollector(state))
+        self._routes: dict[str, _RouteMetrics] = {}
+
+    def observe(self, record: ExchangeRecord) -> None:
+        """Account one finished exchange (called once, from the access-log point)."""
+        route = record.route or "-"
+        children = self._routes.get(route)
+        if children is None:
+            children = self._routes[route] = _RouteMetrics(self, route)
+        status = record.status
+        if 100 <= status < 600:
+            children.requests[_STATUS_CLASSES[status // 100 - 1]].inc()
+        if record.ttfb is not None:
+            children.ttfb.observe(record.ttfb)
+        children.duration.observe(record.duration)
+        if record.bytes_in:
+            children.bytes_in.inc(record.bytes_in)
+        if record.bytes_out:
+            children.bytes_out.inc(record.bytes_out)
+        if record.error_kind:
+            self.upstream_errors.labels(route, record.error_kind).inc()
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric."""
+        return generate_latest(self.registry)

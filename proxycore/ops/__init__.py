@@ -1,0 +1,1 @@
+"""Running it: the server, the process runner, the worker supervisor, admin."""

@@ -1,0 +1,270 @@
+"""Listeners, lifecycle and the top-level ``serve``.
+
+One nursery per listener holds that listener's client connections, one task
+each. ``max_connections`` is enforced at accept time: at the limit the proxy
+stops accepting and the kernel's backlog holds new clients.
+
+Lifecycle (``Server``):
+
+- ``reload(config)`` builds the new snapshot off to the side (router,
+  security: secrets and tokens are read) and swaps it in with one assignment;
+  exchanges in flight keep the snapshot they started with. Anything that fails
+  keeps the old config. Listen-address changes need a restart (logged).
+- ``shutdown()`` stops accepting at once, closes connections idling between
+  requests, lets in-flight exchanges finish for ``server.shutdown_grace``
+  seconds, then cancels what is left; ``run`` then returns. ``force()`` cancels
+  everything now (a second signal).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from ..config import Config, ConfigError
+from ..ops.admin import AdminApp, serve_admin
+from ..proxy.connection import ClientConnection
+from ..proxy.hooks import Hooks
+from ..proxy.state import ProxyState
+from ..security.admission import exposure_problem
+from ..security.secrets import SecretError
+
+__all__ = ["Server", "bind_listener", "serve"]
+
+log: Final = logging.getLogger("proxycore.server")
+
+BACKLOG: Final = 1024
+_ACCEPT_RETRY: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
+)
+
+Address = tuple[str, int]
+
+
+def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening TCP socket bound to ``host:port`` (port 0 works)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+async def _accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
+    while True:
+        try:
+            sock, addr = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            continue
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_RETRY:
+                raise
+            log.warning("accept failed (%s); retrying", errno.errorcode.get(exc.errno or 0))
+            await trio.sleep(0.05)
+            continue
+        return sock, addr
+
+
+async def _handle(
+    sock: socket.socket, peer_ip: str, state: ProxyState, limit: trio.Semaphore
+) -> None:
+    try:
+        await ClientConnection(sock, peer_ip, state).serve()
+    finally:
+        limit.release()
+
+
+class Server:
+    """One proxy: listeners, admin endpoint, reload and graceful shutdown."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reuse_port: bool = False,
+        adjust: Callable[[Config], Config] | None = None,
+        hooks: Hooks | None = None,
+    ) -> None:
+        """Raises ``ConfigError`` (unsafe exposure) or ``SecretError`` (inbound secret).
+
+        ``adjust`` is applied to every config given to :meth:`reload_from` (a
+        worker keeps the supervisor's listen and admin overrides).
+        """
+        problem = exposure_problem(config)
+        if problem:
+            raise ConfigError(problem)
+        self.config = config
+        #: The config the listeners were bound with (address changes need a restart).
+        self._bound = config
+        self.state = ProxyState(config, hooks)
+        self.reuse_port = reuse_port
+        self.adjust = adjust
+        self.ready = False
+        self.admin_address: Address | None = None
+        self._stop = trio.Event()
+        self._accepting: list[trio.CancelScope] = []
+        self._root: trio.CancelScope | None = None
+
+    # -- control -----------------------------------------------------------
+
+    def reload(self, config: Config) -> bool:
+        """Swap ``config`` in for new exchanges; False (old config kept) if it can't be."""
+        outcome = "error"
+        try:
+            problem = exposure_problem(config)
+            if problem:
+                raise ConfigError(problem)
+            snapshot = self.state.swap(config)
+            outcome = "ok"
+        except (ConfigError, SecretError) as exc:
+            log.error("reload refused, keeping the old config: %s", str(exc).replace("\n", "; "))
+            return False
+        finally:
+            self.state.metrics.reloads.labels(outcome).inc()
+        bound = self._bound
+        if config.server.listen != bound.server.listen or config.admin != bound.admin:
+            log.warning(
+                "reload: listen/admin address changes need a restart; still on %s",
+                ", ".join(bound.server.listen),
+            )
+        self.config = config
+        log.info("reloaded config (generation %d)", snapshot.generation)
+        return True
+
+    def reload_from(self, path: str) -> bool:
+        """Re-read ``path`` (TOML or legacy JSON) and :meth:`reload` it."""
+        try:
+            config = Config.load(path)
+        except ConfigError as exc:
+            self.state.metrics.reloads.labels("error").inc()
+            log.error("reload refused, keeping the old config: %s", str(exc).replace("\n", "; "))
+            return False
+        return self.reload(self.adjust(config) if self.adjust else config)
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        self._stop.set()
+
+    def force(self) -> None:
+        """Stop now: cancel every exchange and close every socket."""
+        self._stop.set()
+        if self._root is not None:
+            self._root.cancel()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._stop.is_set()
+
+    # -- running -----------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until :meth:`shutdown` has drained (or :meth:`force`), or until cancelled."""
+        config, state = self.config, self.state
+        listeners: list[socket.socket] = []
+        try:
+            for host, port in config.server.listen_addresses:
+                listeners.append(bind_listener(host, port, reuse_port=self.reuse_port))
+            bound = [(str(s.getsockname()[0]), int(s.getsockname()[1])) for s in listeners]
+            limit = trio.Semaphore(config.server.max_connections)
+            async with trio.open_nursery() as nursery:
+                self._root = nursery.cancel_scope
+                state.transcripts.nursery = nursery
+                nursery.start_soon(state.pool.run_sweeper)
+                admin = config.admin.address
+                if admin is not None:
+                    app = AdminApp(self._is_ready, self._metrics)
+                    self.admin_address = await nursery.start(serve_admin, app, *admin)
+                for listener in listeners:
+                    nursery.start_soon(self._listen, listener, limit)
+                for host, port in bound:
+                    log.info("listening on %s:%d", host, port)
+                self.ready = True
+                task_status.started(bound)
+                await self._stop.wait()
+                await self._drain(listeners)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.ready = False
+            for listener in listeners:
+                if listener.fileno() != -1:
+                    trio.lowlevel.notify_closing(listener)
+                    listener.close()
+            state.pool.close_all()
+
+    async def _metrics(self) -> bytes:
+        return self.state.metrics.exposition()
+
+    def _is_ready(self) -> bool:
+        return self.ready and not self.shutting_down
+
+    async def _listen(self, listener: socket.socket, limit: trio.Semaphore) -> None:
+        async with trio.open_nursery() as connections:
+            with trio.CancelScope() as accepting:
+                self._accepting.append(accepting)
+                while True:
+                    await limit.acquire()
+                    try:
+                        sock, addr = await _accept(listener)
+                    except BaseException:
+                        limit.release()
+                        raise
+                    connections.start_soon(_handle, sock, addr[0], self.state, limit)
+
+    async def _drain(self, listeners: list[socket.socket]) -> None:
+        grace = self.config.server.shutdown_grace
+        log.info("shutting down: no new connections; draining for up to %g s", grace)
+        for scope in self._accepting:
+            scope.cancel()
+        for listener in listeners:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+        self.state.start_draining()
+        with trio.move_on_after(grace) as waited:
+            await self.state.all_closed.wait()
+        if waited.cancelled_caught:
+            log.warning(
+                "shutdown grace (%g s) over: cutting %d connection(s)",
+                grace,
+                self.state.open_connections,
+            )
+
+
+async def serve(
+    config: Config,
+    *,
+    hooks: Hooks | None = None,
+    task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the proxy until cancelled.
+
+    Binds every ``config.server.listen`` address, then calls
+    ``task_status.started(addresses)`` with the bound ``(host, port)`` pairs
+    (so ``await nursery.start(serve, config)`` works with port 0). Cancelling
+    the surrounding scope closes the listeners, every client connection and
+    the upstream pool.
+
+    ``hooks`` (see :mod:`proxycore.hooks`) look at or change exchanges.
+
+    Raises ``ConfigError`` for an unauthenticated non-loopback listener (unless
+    ``server.allow_public``) and ``SecretError`` for an unusable inbound secret
+    file, before anything is bound.
+    """
+    await Server(config, hooks=hooks).run(task_status=task_status)

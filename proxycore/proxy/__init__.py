@@ -1,0 +1,1 @@
+"""The proxy: preflight, the upstream exchange, relays, front ends (native, ASGI)."""

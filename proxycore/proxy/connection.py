@@ -1,0 +1,261 @@
+"""One client connection: read request heads with h11, run exchanges in order.
+
+h11 (server role) parses each request head; a fresh ``h11.Connection`` is made
+per cycle because the body is forwarded raw by the exchange, which h11 cannot
+follow. Bytes read past a body's end (pipelined requests) are carried over in
+``pending`` to the next cycle, so pipelined requests are answered in order.
+
+h11 checks its size limit only on incomplete data, counts no headers and
+accepts any ``HTTP/d.d``: the head size, header count and version limits are
+enforced here. h11's error messages quote raw header lines, so they are never
+passed on; the client gets a generic reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from typing import Final
+
+import h11
+import trio
+
+from ..config import ServerSettings
+from ..errors import (
+    BadRequest,
+    DownstreamError,
+    DownstreamTimeout,
+    HeadTooLarge,
+    ProxyError,
+    UnsupportedVersion,
+    error_body,
+)
+from ..http.headers import reason_phrase, request_id_from, serialize_head
+from ..net.pipe import CHUNK
+from ..net.stream import RawStream, StreamBroken
+from ..observe.accesslog import ExchangeRecord, log_exchange
+from ..proxy.exchange import Exchange
+from ..proxy.state import ProxyState
+
+__all__ = ["ClientConnection"]
+
+log: Final = logging.getLogger("proxycore.downstream")
+
+#: What h11 lets through but trusted proxies refuse: obs-fold (a line starting
+#: with SP/HTAB, which h11 silently unfolds) and control characters other than
+#: HTAB/CR/LF (bare CR and NUL h11 refuses itself).
+_SUSPICIOUS_HEAD: Final = re.compile(rb"\n[ \t]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+LINGER_S: Final = 2.0
+LINGER_BYTES: Final = 1 << 20
+
+
+class ClientConnection:
+    """Drives one accepted client socket until it closes. Never raises."""
+
+    def __init__(self, sock: socket.socket, peer_ip: str, state: ProxyState) -> None:
+        self.stream = RawStream(sock)
+        self.peer_ip = peer_ip
+        self.state = state
+        #: Read buffer (client -> upstream body) and write buffer (upstream -> client).
+        self.rbuf = bytearray(CHUNK)
+        self.wbuf = bytearray(CHUNK)
+        #: Bytes received past the current request (the start of the next one).
+        self.pending = b""
+        #: Set when a reply was sent with unread client bytes possibly left: close gently.
+        self.linger = False
+        self._raw_head = b""
+        self._head_len = 0
+
+    async def serve(self) -> None:
+        """Answer requests until the client closes, errs or idles out.
+
+        Resource handling: the socket is closed when this returns or is cancelled.
+        """
+        state = self.state
+        state.connection_opened()
+        try:
+            first = True
+            while True:
+                snapshot = state.snapshot
+                request = await self._read_head(snapshot.config.server, first)
+                if request is None:
+                    break
+                first = False
+                exchange = Exchange(self, request, self.pending, snapshot)
+                if not await exchange.run() or state.draining:
+                    break
+            if self.linger:
+                await self._linger()
+        except Exception:
+            log.exception("unexpected error on a client connection")
+        finally:
+            state.connection_closed()
+            self.stream.close()
+
+    async def _read_head(self, server: ServerSettings, first: bool) -> h11.Request | None:
+        limit = server.max_header_bytes
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+        data, self.pending = self.pending, b""
+        # The first head must be complete header_timeout after the connection opened;
+        # later ones header_timeout after their first byte (keepalive_timeout until then).
+        now = trio.current_time()
+        deadline = now + server.header_timeout
+        if not data:
+            if self.state.draining:
+                return None
+            first_byte_by = deadline if first else now + server.keepalive_timeout
+            idle_waits = self.state.idle_waits
+            with trio.move_on_at(first_byte_by) as idle:
+                idle_waits.add(idle)
+                try:
+                    data = await self._recv()
+                finally:
+                    idle_waits.discard(idle)
+            if not data:
+                return None  # closed, or idle past the keep-alive timeout: close quietly
+            if not first:
+                deadline = trio.current_time() + server.header_timeout
+        received: list[bytes] = []
+        try:
+            event = self._feed(h, data, received, limit)
+            if event is None:  # the head spans reads: only then is a timer needed
+                with trio.fail_at(deadline):
+                    while event is None:
+                        data = await self._recv()
+                        if not data:
+                            return None  # closed mid-head
+                        event = self._feed(h, data, received, limit)
+        except trio.TooSlowError:
+            await self._refuse(DownstreamTimeout("request head not received in time"))
+            return None
+        except DownstreamError as exc:
+            await self._refuse(exc)
+            return None
+        fed = sum(map(len, received))
+        trailing = h.trailing_data[0]
+        try:
+            if fed - len(trailing) > limit:
+                raise HeadTooLarge("request head too large")
+            if len(event.headers) > server.max_header_count:
+                raise HeadTooLarge(f"more than {server.max_header_count} header fields")
+            if event.http_version not in (b"1.1", b"1.0"):
+                raise UnsupportedVersion("only HTTP/1.0 and HTTP/1.1 are supported")
+            raw = received[0] if len(received) == 1 else b"".join(received)
+            if _SUSPICIOUS_HEAD.search(raw, 0, fed - len(trailing)):
+                raise BadRequest("obsolete line folding or control characters in the request head")
+        except DownstreamError as exc:
+            await self._refuse(exc, event.method)
+            return None
+        self.pending = trailing
+        self._raw_head, self._head_len = raw, fed - len(trailing)
+        return event
+
+    @staticmethod
+    def _feed(
+        h: h11.Connection, data: bytes, received: list[bytes], limit: int
+    ) -> h11.Request | None:
+        """Give ``data`` to h11: the request if its head is complete, else None."""
+        h.receive_data(data)
+        received.append(data)
+        try:
+            event = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            if exc.error_status_hint == 431:
+                raise HeadTooLarge("request head too large") from None
+            raise BadRequest("malformed request head") from None
+        if isinstance(event, h11.Request):
+            return event
+        if sum(map(len, received)) > limit:
+            raise HeadTooLarge("request head too large")
+        return None
+
+    async def _linger(self) -> None:
+        """Close in two steps after an error reply (RFC 9112 section 9.6).
+
+        Closing with unread client bytes in the socket makes the kernel send a
+        reset, which can destroy the reply before the client reads it. So: stop
+        writing, then read and discard for a bounded time and amount.
+        """
+        try:
+            self.stream.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        with trio.move_on_after(LINGER_S):
+            discarded = 0
+            while discarded < LINGER_BYTES:
+                try:
+                    n = await self.stream.recv_into(self.rbuf, CHUNK)
+                except StreamBroken:
+                    return
+                if not n:
+                    return
+                discarded += n
+
+    async def _recv(self) -> bytes:
+        try:
+            n = await self.stream.recv_into(self.rbuf, CHUNK)
+        except StreamBroken:
+            return b""
+        return bytes(self.rbuf[:n])
+
+    async def _refuse(self, exc: DownstreamError, method: bytes = b"") -> None:
+        """Answer a request whose head was refused, log it, and (always) close."""
+        rid = request_id_from([])
+        record = ExchangeRecord(
+            request_id=rid,
+            method=method.decode("ascii", "replace"),
+            client=self.peer_ip,
+            status=exc.status,
+            outcome=exc.outcome,
+            started=trio.current_time(),
+        )
+        try:
+            record.bytes_out = await self.send_error(exc, rid.encode(), True, method)
+        finally:
+            log_exchange(record)
+            self.state.metrics.observe(record)
+
+    async def send_error(
+        self, exc: ProxyError, request_id: bytes, close: bool, method: bytes = b""
+    ) -> int:
+        """Write a proxy-made JSON error response. Errors while writing are ignored.
+
+        Returns the body bytes written (0 for HEAD or a failed write), for the access log."""
+        body = error_body(exc.type, exc.message, request_id.decode("ascii"))
+        headers = [
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Cache-Control", b"no-store"),
+            (b"X-Request-ID", request_id),
+        ]
+        headers.extend(exc.headers)
+        if close:
+            headers.append((b"Connection", b"close"))
+        self.linger = close
+        reason = reason_phrase(exc.status)
+        head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (exc.status, reason), headers)
+        if method == b"HEAD":
+            body = b""
+        try:
+            await self.stream.send_all(head + body)
+        except StreamBroken:
+            return 0
+        return len(body)
+
+    @property
+    def raw_head(self) -> bytes:
+        """The current request's head exactly as received (for protocol upgrades)."""
+        return self._raw_head[: self._head_len]
+
+    async def wait_closed(self) -> bool:
+        """Wait until the client closes (True) or sends more bytes (False).
+
+        The bytes, if any, stay in the socket for the next cycle.
+        """
+        while True:
+            await trio.lowlevel.wait_readable(self.stream.sock)
+            closed = self.stream.peek_closed()
+            if closed is not None:
+                return closed

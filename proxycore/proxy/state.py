@@ -1,0 +1,80 @@
+"""What one running proxy shares between its connections.
+
+``ProxyState.snapshot`` is replaced as a whole (one attribute assignment) when
+a new config is swapped in. An exchange reads it once when it starts and keeps
+that snapshot to its end, so requests in flight finish with the config they
+started with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import trio
+
+from ..config import Config
+from ..http.router import Router
+from ..net.pool import Pool
+from ..observe.metrics import Metrics
+from ..observe.transcript import TranscriptWriters
+from ..proxy.hooks import Hooks
+from ..security.admission import Security
+
+__all__ = ["ProxyState", "Snapshot"]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    config: Config
+    router: Router
+    security: Security
+    generation: int
+
+
+class ProxyState:
+    def __init__(self, config: Config, hooks: Hooks | None = None) -> None:
+        """Raises ``SecretError`` when the inbound secret file is unusable."""
+        self.hooks = hooks or Hooks()
+        self.transcripts = TranscriptWriters()
+        self.pool = Pool(config.pool)
+        self.snapshot = self.prepare(config, 1)
+        self.open_connections = 0
+        self.exchanges_in_flight = 0
+        #: Set once a graceful shutdown began: no new requests on kept-alive connections.
+        self.draining = False
+        #: Cancel scopes of connections idling between requests (cancelled on drain).
+        self.idle_waits: set[trio.CancelScope] = set()
+        #: Set whenever the last client connection closes.
+        self.all_closed = trio.Event()
+        self.all_closed.set()
+        self.metrics = Metrics(self)
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+        if self.all_closed.is_set():
+            self.all_closed = trio.Event()
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+        if not self.open_connections:
+            self.all_closed.set()
+
+    def start_draining(self) -> None:
+        """Stop taking new requests; close connections that idle between requests."""
+        self.draining = True
+        for scope in list(self.idle_waits):
+            scope.cancel()
+
+    def prepare(self, config: Config, generation: int) -> Snapshot:
+        """Build a snapshot (reads secrets and tokens) without installing it."""
+        return Snapshot(config, Router(config.routes), Security(config, self.pool), generation)
+
+    def swap(self, config: Config) -> Snapshot:
+        """Install ``config`` for every exchange that starts from now on.
+
+        Everything is built first; if that fails (``SecretError``) nothing changes.
+        """
+        snapshot = self.prepare(config, self.snapshot.generation + 1)
+        self.snapshot = snapshot
+        self.pool.settings = config.pool
+        return snapshot

@@ -1,0 +1,1 @@
+"""Admission: inbound auth, forward auth, policy, rate limits, secrets."""
