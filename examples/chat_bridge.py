@@ -20,8 +20,8 @@ import trio
 
 from proxycore import Config, Route, ServerSettings, Timeouts, serve
 from proxycore.config.model import SSESettings
-from proxycore.proxy.hooks import ExchangeInfo, Hooks, Request, Response, Summary
 from proxycore.http.sse import SSEEvent
+from proxycore.proxy.hooks import ExchangeInfo, Hooks, Request, Response, Summary
 
 Row = tuple[str, str | None, str, str, str]  # request_id, session_id, role, text, outcome
 

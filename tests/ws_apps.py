@@ -5,7 +5,7 @@
   handshake it got, picks a subprotocol), ``auth_app`` (a forward-auth service).
 * :class:`WsUpstream`, a trio-websocket server, where the test must see what the upstream
   saw on close: hypercorn tells an ASGI app only 1000 or 1006 on disconnect, never the
-  peer's code or reason. It also has no timers of its own, so MockClock tests use it.
+  peer's code or reason. It also has no timers of its own, so the timer tests use it.
 * Raw upstreams (``tests.helpers.start_raw_server``): :func:`make_refusing_upstream` answers
   the upgrade with 403 and a body; :func:`die_after_handshake` accepts, sends one message,
   and drops the connection without a close frame.

@@ -1,4 +1,4 @@
-"""``proxycore loadtest``: drive an HTTP/1.1 server with :mod:`proxycore.loadgen`.
+"""``proxycore loadtest``: drive an HTTP/1.1 server with :mod:`proxycore.tools.loadgen`.
 
 ``cli.py`` makes the subparser and calls :func:`add_arguments` on it, then
 :func:`run` with the parsed arguments. Exit codes: 0 the run happened (even if

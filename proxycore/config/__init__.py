@@ -1,10 +1,11 @@
-"""Configuration: frozen dataclasses with units (``model``), validated by ``checks``; every
-problem names the file, the key path and what is wrong."""
+"""Configuration: frozen dataclasses with units (``model``), validated by ``checks``, tied
+together and loaded from TOML or legacy JSON by ``Config`` (``load``); every problem names the
+file, the key path and what is wrong."""
 
+from .checks import ConfigError, Upstream
+from .load import Config
 from .model import (
     AdminSettings,
-    Config,
-    ConfigError,
     Inbound,
     Inject,
     PoolSettings,
@@ -13,7 +14,6 @@ from .model import (
     ServerSettings,
     SSESettings,
     Timeouts,
-    Upstream,
     WebSocketSettings,
 )
 

@@ -1,8 +1,10 @@
-"""Validation helpers shared by the config dataclasses (pure, stdlib only).
+"""Validation helpers shared by the config dataclasses and loaders (pure, stdlib only).
 
-``_Problems`` collects ``"key.path: message"`` strings so that a loader can
-report every problem of a file at once; the ``_typed``/``_number``/``_integer``
-readers check one attribute each and record what is wrong.
+``Problems`` collects ``"key.path: message"`` strings so that a loader can
+report every problem of a file at once; the ``typed``/``number``/``integer``
+readers check one attribute each and record what is wrong. The ``parse_*`` and
+``validate_*`` functions check one value each (the security policy compiles
+``methods``/``deny_paths`` with the same validators).
 """
 
 from __future__ import annotations
@@ -10,24 +12,43 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import Final, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
+__all__ = [
+    "ENCODINGS",
+    "ENV_NAME_RE",
+    "TOKEN_RE",
+    "ConfigError",
+    "Problems",
+    "Upstream",
+    "describe",
+    "duplicates",
+    "instance",
+    "integer",
+    "join",
+    "number",
+    "parse_listen",
+    "parse_upstream",
+    "prefix_problem",
+    "typed",
+    "validate_methods",
+    "validate_pattern",
+]
 
 _T = TypeVar("_T")
-_D = TypeVar("_D", bound="DataclassInstance")
 
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
-_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+TOKEN_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+ENV_NAME_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _WS_SCHEMES = {"ws": "http", "wss": "https"}  # WebSocket routes: the same connection semantics
 _KIND_NAMES: dict[type, str] = {bool: "a boolean", int: "an integer", float: "a number"}
-_ENCODINGS = ("passthrough", "identity")
+#: Values of a route's ``accept_encoding``.
+ENCODINGS: Final = ("passthrough", "identity")
+_PERCENT_STR = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
 class ConfigError(Exception):
@@ -46,13 +67,13 @@ class ConfigError(Exception):
 # --------------------------------------------------------------------------- validation helpers
 
 
-def _join(prefix: str, path: str) -> str:
+def join(prefix: str, path: str) -> str:
     if not prefix:
         return path
     return prefix + path if path.startswith("[") else f"{prefix}.{path}"
 
 
-class _Problems:
+class Problems:
     """Collects ``"key.path: message"`` strings and raises them together."""
 
     def __init__(self) -> None:
@@ -73,14 +94,14 @@ class _Problems:
             path, _, message = problem.partition(": ")
             path = (rename or {}).get(path, path)
             if path not in skip:
-                self.add(_join(prefix, path), message)
+                self.add(join(prefix, path), message)
 
     def check(self, source: str | None = None) -> None:
         if self.items:
             raise ConfigError(f"{source}: {item}" if source else item for item in self.items)
 
 
-def _describe(value: object, *, show: bool = True) -> str:
+def describe(value: object, *, show: bool = True) -> str:
     """Name the type of ``value`` (with the value itself for scalars unless ``show=False``)."""
     if isinstance(value, bool):
         kind, text = "boolean", str(value).lower()
@@ -99,8 +120,8 @@ def _describe(value: object, *, show: bool = True) -> str:
     return f"{kind} {text}" if show else kind
 
 
-def _typed(
-    p: _Problems,
+def typed(
+    p: Problems,
     obj: object,
     name: str,
     kind: type[_T],
@@ -124,13 +145,13 @@ def _typed(
     if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
         return value
     expected = _KIND_NAMES.get(kind, "a string")
-    p.add(name, f"expected {expected}, got {_describe(value, show=show)}")
+    p.add(name, f"expected {expected}, got {describe(value, show=show)}")
     return None
 
 
-def _number(p: _Problems, obj: object, name: str, *, zero_ok: bool) -> None:
+def number(p: Problems, obj: object, name: str, *, zero_ok: bool) -> None:
     """Validate a finite number of seconds, ``> 0`` (or ``>= 0`` when ``zero_ok``)."""
-    value = _typed(p, obj, name, float)
+    value = typed(p, obj, name, float)
     if value is None:
         return
     if not math.isfinite(value):
@@ -139,17 +160,17 @@ def _number(p: _Problems, obj: object, name: str, *, zero_ok: bool) -> None:
         p.add(name, f"must be {'>= 0' if zero_ok else '> 0'}, got {value:g}")
 
 
-def _integer(p: _Problems, obj: object, name: str, low: int, high: int | None = None) -> None:
-    value = _typed(p, obj, name, int)
+def integer(p: Problems, obj: object, name: str, low: int, high: int | None = None) -> None:
+    value = typed(p, obj, name, int)
     if value is not None and (value < low or (high is not None and value > high)):
         bound = f">= {low}" if high is None else f"between {low} and {high}"
         p.add(name, f"must be {bound}, got {value}")
 
 
-def _instance(p: _Problems, obj: object, name: str, cls: type, *, optional: bool = False) -> None:
+def instance(p: Problems, obj: object, name: str, cls: type, *, optional: bool = False) -> None:
     value = getattr(obj, name)
     if not isinstance(value, cls) and not (optional and value is None):
-        p.add(name, f"expected {cls.__name__}, got {_describe(value, show=False)}")
+        p.add(name, f"expected {cls.__name__}, got {describe(value, show=False)}")
 
 
 def _bad_chars(text: str) -> bool:
@@ -172,7 +193,7 @@ def _check_host(host: str) -> None:
         raise ValueError(f"invalid host {host!r}")
 
 
-def _parse_upstream(url: str, *, websocket: bool = False) -> Upstream:
+def parse_upstream(url: str, *, websocket: bool = False) -> Upstream:
     """Parse an upstream URL; raises ValueError whose message never echoes the URL.
 
     With ``websocket`` (a WebSocket route) ``ws://`` and ``wss://`` are accepted too and
@@ -213,7 +234,7 @@ def _parse_upstream(url: str, *, websocket: bool = False) -> Upstream:
     return Upstream(scheme, parts.hostname, port or _DEFAULT_PORTS[scheme], path)
 
 
-def _prefix_problem(prefix: str) -> str | None:
+def prefix_problem(prefix: str) -> str | None:
     if not prefix.startswith("/"):
         return f"must start with '/', got {prefix!r}"
     if _bad_chars(prefix) or not prefix.isascii() or "?" in prefix or "#" in prefix:
@@ -228,7 +249,7 @@ def _prefix_problem(prefix: str) -> str | None:
     return None
 
 
-def _parse_listen(addr: str) -> tuple[str, int]:
+def parse_listen(addr: str) -> tuple[str, int]:
     """Parse ``host:port`` or ``[ipv6]:port``; raises ValueError with a readable message."""
     hint = f"expected 'host:port' or '[ipv6]:port', got {addr!r}"
     if addr.startswith("["):
@@ -247,7 +268,7 @@ def _parse_listen(addr: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _duplicates(p: _Problems, prefixes: Iterable[tuple[int, str]], key: str = "prefix") -> None:
+def duplicates(p: Problems, prefixes: Iterable[tuple[int, str]], key: str = "prefix") -> None:
     """Record duplicate route prefixes; '/api' and '/api/' count as the same prefix."""
     seen: dict[str, int] = {}
     for index, prefix in prefixes:
@@ -256,6 +277,32 @@ def _duplicates(p: _Problems, prefixes: Iterable[tuple[int, str]], key: str = "p
             p.add(f"routes[{index}].{key}", f"duplicate of routes[{seen[norm]}] ({prefix!r})")
         else:
             seen[norm] = index
+
+
+def validate_methods(methods: Sequence[str]) -> str | None:
+    """A problem with a ``methods`` allow-list, or ``None``. Methods are case-sensitive
+    RFC 9110 tokens; upper case is required so that ``get`` is not silently never matched."""
+    if isinstance(methods, str) or not methods:
+        return "must be a non-empty list of HTTP methods"
+    seen: set[str] = set()
+    for method in methods:
+        if not isinstance(method, str) or not TOKEN_RE.fullmatch(method):
+            return f"each method must be an HTTP token (e.g. GET), got {method!r}"
+        if method != method.upper():
+            return f"methods are case-sensitive and must be upper-case, got {method!r}"
+        if method in seen:
+            return f"duplicate method {method!r}"
+        seen.add(method)
+    return None
+
+
+def validate_pattern(p: str) -> str | None:
+    """A problem with a ``deny_paths`` glob pattern, or ``None``."""
+    if not isinstance(p, str) or not p.startswith("/"):
+        return f"must be a path pattern starting with '/', got {p!r}"
+    if _PERCENT_STR.search(p):
+        return f"is matched against the percent-decoded path: write characters decoded, got {p!r}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,24 +13,32 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final, Literal
+from typing import Final, Literal, TypeAlias
 
 from ..errors import BadRequest, UpstreamProtocolError
+from ..http.sse import is_event_stream
 
 __all__ = [
+    "FRAMING_FIELDS",
     "HOP_BY_HOP",
+    "IDEMPOTENT",
     "Framing",
     "Headers",
+    "add_sse_headers",
     "connection_tokens",
     "invalid_header_problem",
+    "is_sse",
+    "may_retry",
     "reason_phrase",
     "request_framing",
     "request_id_from",
     "response_framing",
     "serialize_head",
+    "upstream_reusable",
 ]
 
-Headers = list[tuple[bytes, bytes]]
+#: The one header-list alias: ``(name, value)`` byte pairs in wire order.
+Headers: TypeAlias = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP: Final = frozenset(
     {
@@ -60,11 +68,25 @@ PROXY_OWNED_REQUEST: Final = frozenset(
         b"x-real-ip",
         b"forwarded",
         b"x-original-url",
+        b"x-original-uri",
         b"x-rewrite-url",
+        b"x-forwarded-uri",
+        b"x-forwarded-method",
+        b"x-forwarded-ssl",
+        b"x-forwarded-scheme",
+        b"x-forwarded-server",
         b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
         b"x-request-id",
     }
 )
+
+#: The fields that frame a message on the wire (a hook may not change them).
+FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 #: Response headers the proxy sets itself.
 PROXY_OWNED_RESPONSE: Final = frozenset({b"content-length", b"x-request-id"})
@@ -83,6 +105,9 @@ class Framing:
 NO_BODY: Final = Framing("none")
 CHUNKED: Final = Framing("chunked")
 UNTIL_CLOSE: Final = Framing("close")
+
+#: Methods a request may be repeated with (RFC 9110 section 9.2.2).
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -157,6 +182,36 @@ def response_framing(method: bytes, status: int, headers: Headers) -> Framing:
     return UNTIL_CLOSE
 
 
+def upstream_reusable(http_version: bytes, headers: Headers, framing: Framing) -> bool:
+    """May the upstream connection carry another exchange after this response (as far as
+    its head says)? Not after HTTP/1.0, ``Connection: close`` or a close-delimited body."""
+    return (
+        http_version == b"1.1"
+        and framing.kind != "close"
+        and b"close" not in connection_tokens(headers)
+    )
+
+
+def may_retry(method: bytes, framing: Framing) -> bool:
+    """May a request be sent again on another connection after a stale one failed?
+    Only an idempotent request without a body (its body may be gone already)."""
+    return framing is NO_BODY and method in IDEMPOTENT
+
+
+def is_sse(headers: Headers) -> bool:
+    """Is the response an event stream (its first ``Content-Type``)?"""
+    return is_event_stream(next((v for n, v in headers if n.lower() == b"content-type"), None))
+
+
+def add_sse_headers(headers: Headers) -> None:
+    """Tell every cache and proxy in between not to buffer or transform the stream."""
+    names = {n.lower() for n, _ in headers}
+    if b"cache-control" not in names:
+        headers.append((b"Cache-Control", b"no-cache, no-transform"))
+    if b"x-accel-buffering" not in names:
+        headers.append((b"X-Accel-Buffering", b"no"))
+
+
 def request_id_from(headers: Headers) -> str:
     """The client's X-Request-ID if it is sane, else a fresh random one."""
     for name, value in headers:
@@ -192,6 +247,7 @@ def upstream_request_headers(
     identity_encoding: bool,
     drop: frozenset[bytes] = frozenset(),
     extra: Headers | None = None,
+    proto: bytes = b"http",
 ) -> Headers:
     """The header list sent upstream for one request.
 
@@ -201,7 +257,8 @@ def upstream_request_headers(
     ``X_Authenticated_User`` can't pass for ``X-Authenticated-User``); the
     proxy's own and ``extra`` are appended after. ``forwarded_for`` is the
     whole X-Forwarded-For value (see :func:`proxycore.request_head.client_address`:
-    a client's own chain is kept only when its peer is a trusted proxy).
+    a client's own chain is kept only when its peer is a trusted proxy). ``proto`` is
+    the scheme the client used (``X-Forwarded-Proto``).
     """
     dropped = connection_tokens(client) | HOP_BY_HOP | drop
     out: Headers = []
@@ -222,7 +279,7 @@ def upstream_request_headers(
         out.append((name, value))
     out.append((b"Host", host))
     out.append((b"X-Forwarded-For", forwarded_for))
-    out.append((b"X-Forwarded-Proto", b"http"))
+    out.append((b"X-Forwarded-Proto", proto))
     if forwarded_host:
         out.append((b"X-Forwarded-Host", forwarded_host))
     out.append((b"X-Request-ID", request_id))

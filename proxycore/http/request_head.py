@@ -89,26 +89,39 @@ def client_address(peer: str, headers: Headers, trusted: Sequence[IPNetwork]) ->
 
     With no trusted proxies (the default), or a peer outside them, every client
     ``X-Forwarded-For`` is ignored: the client is the peer and the chain is the peer.
+    From a trusted peer only the exact name ``X-Forwarded-For`` is read (a Go proxy in
+    front passes an attacker's ``X_Forwarded_For`` through, sorted after it); entries may
+    carry a port (``ip:port``, ``[v6]:port``). The chain sent upstream starts at the
+    client: the entries to its left are the client's own claims and are dropped.
     """
     if not trusted or not _trusted(peer, trusted):
         return ClientAddress(peer, peer.encode("ascii", "replace"))
-    hops: list[bytes] = []
+    hops: list[str] = []
     for name, value in headers:
-        if name.lower().replace(b"_", b"-") == b"x-forwarded-for":
-            hops.extend(h.strip() for h in value.split(b","))
-    client = peer
-    for hop in reversed(hops):
-        text = hop.decode("ascii", "replace")
-        try:
-            ipaddress.ip_address(text)
-        except ValueError:
+        if name.lower() == b"x-forwarded-for":
+            hops.extend(h.strip().decode("ascii", "replace") for h in value.split(b","))
+    client, start = peer, len(hops)
+    for index in range(len(hops) - 1, -1, -1):
+        ip = _hop_ip(hops[index])
+        if ip is None:
             break  # garbage in the chain: stop at the last hop we could read
-        client = text
-        if not _trusted(text, trusted):
+        client, start = ip, index
+        if not _trusted(ip, trusted):
             break
-    chain = [h for h in hops if h]
-    chain.append(peer.encode("ascii", "replace"))
-    return ClientAddress(client, b", ".join(chain))
+    chain = [*hops[start:], peer]
+    return ClientAddress(client, ", ".join(chain).encode("ascii", "replace"))
+
+
+def _hop_ip(hop: str) -> str | None:
+    """The address of one X-Forwarded-For entry (``ip``, ``ip:port``, ``[v6]``, ``[v6]:port``)."""
+    if hop.startswith("["):
+        hop = hop[1:].partition("]")[0]
+    elif hop.count(":") == 1:
+        hop = hop.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
 
 
 def _trusted(ip: str, trusted: Sequence[IPNetwork]) -> bool:

@@ -22,9 +22,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["SSEEvent", "SSEParser", "error_event", "is_event_stream"]
+__all__ = ["BOM", "HEARTBEAT", "SSEEvent", "SSEParser", "error_event", "is_event_stream"]
 
-_BOM: Final = b"\xef\xbb\xbf"
+BOM: Final = b"\xef\xbb\xbf"
 HEARTBEAT: Final = b": keep-alive\n\n"
 
 
@@ -75,7 +75,7 @@ class SSEParser:
         """Parse more body bytes; return the events they completed (in order)."""
         chunk = bytes(data)
         if not self._started:
-            if len(self._line) + len(chunk) < len(_BOM) and _BOM.startswith(
+            if len(self._line) + len(chunk) < len(BOM) and BOM.startswith(
                 bytes(self._line) + chunk
             ):
                 self._line += chunk  # maybe the start of a BOM: wait for more
@@ -83,8 +83,8 @@ class SSEParser:
             chunk = bytes(self._line) + chunk
             self._line.clear()
             self._started = True
-            if chunk.startswith(_BOM):
-                chunk = chunk[len(_BOM) :]
+            if chunk.startswith(BOM):
+                chunk = chunk[len(BOM) :]
         done: list[SSEEvent] = []
         pos, end = 0, len(chunk)
         if self._after_cr and pos < end and chunk[0] == 0x0A:

@@ -67,7 +67,7 @@ class TargetView:
     #: True when the path holds ``%2F`` or ``%5C``.
     encoded_slash: bool = False
 
-    def wire_path(self, merge_slashes: bool = True, skip: int = 0) -> bytes:
+    def wire_path(self, merge_slashes: bool = True, skip: int = 0, params: bool = True) -> bytes:
         """The normalized path as forwarded, without the first ``skip`` named segments
         (then ``b""`` when nothing is left, so that a route's base path is not given a slash)."""
         segments, names = self.segments, self.names
@@ -80,6 +80,8 @@ class TargetView:
                 continue
             if skip:
                 continue
+            if not params:
+                segment = segment.partition(b";")[0]
             if merge_slashes and not segment and i != last:
                 continue
             parts.append(segment)
@@ -91,6 +93,12 @@ class TargetView:
     def target(self) -> bytes:
         """The normalized origin-form target (merged slashes) with the query."""
         return self.wire_path() + self.query
+
+    @property
+    def auth_target(self) -> bytes:
+        """What an auth service is asked about: the normalized target without ``;params``
+        (the decision path, still percent-encoded) and the query."""
+        return self.wire_path(params=False) + self.query
 
 
 def parse_target(target: bytes) -> TargetView:

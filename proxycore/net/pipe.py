@@ -26,7 +26,7 @@ from typing import Final
 import trio
 
 from ..http.chunked import LAST_CHUNK, ChunkedError, ChunkedScanner, encode_chunk_header
-from ..net.stream import Stream, StreamBroken
+from ..net.stream import CHUNK, Stream, StreamBroken
 
 __all__ = [
     "BULK_CHUNK",
@@ -43,7 +43,6 @@ __all__ = [
     "pump_until_close",
 ]
 
-CHUNK: Final = 4096
 #: Read size for large Content-Length bodies: bulk transfers are bound by reads per
 #: byte (bench: 64 MiB download 0.57x nginx at 4 KiB reads). Still fixed and bounded:
 #: one such buffer per exchange in flight, only while it pumps a large body.

@@ -7,23 +7,43 @@ only by the exchange that finished it cleanly (both messages complete, no
 bytes left over); everything else is closed, never reused.
 
 A connection that the upstream closed while idle is found at checkout (it is
-readable: EOF or stray bytes) and dropped.
+readable: EOF or stray bytes) and dropped. One that dies between that check and
+the first response byte is a :class:`StaleConnection`: :func:`with_stale_retry`
+is the one place that retries it, always on a freshly opened connection.
 """
 
 from __future__ import annotations
 
-import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple, TypeVar
 
 import trio
 
 from ..config import PoolSettings
-from ..net.stream import RawStream, Stream, StreamBroken, TLSStream, connect_tcp
+from ..net.stream import RawStream, Stream, TLSStream, connect_tcp
+from ..net.tls import start_tls
 
-__all__ = ["Origin", "Pool", "UpstreamConnection", "open_connection"]
+__all__ = [
+    "Origin",
+    "Pool",
+    "StaleConnection",
+    "UpstreamConnection",
+    "open_connection",
+    "with_stale_retry",
+]
 
-Origin = tuple[str, str, int, str | None]
+T = TypeVar("T")
+
+
+class Origin(NamedTuple):
+    """Where upstream connections go; the pool's key (one idle list per origin)."""
+
+    scheme: str
+    host: str
+    port: int
+    ca_file: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -38,54 +58,18 @@ class UpstreamConnection:
         self.stream.close()
 
 
-class _TLSContexts:
-    """One client SSLContext per CA file, built on first use."""
-
-    def __init__(self) -> None:
-        self._by_ca: dict[str | None, ssl.SSLContext] = {}
-
-    def get(self, ca_file: str | None) -> ssl.SSLContext:
-        ctx = self._by_ca.get(ca_file)
-        if ctx is None:
-            ctx = ssl.create_default_context()
-            if ca_file is not None:
-                ctx.load_verify_locations(cafile=ca_file)
-            ctx.set_alpn_protocols(["http/1.1"])
-            self._by_ca[ca_file] = ctx
-        return ctx
-
-
-_tls_contexts = _TLSContexts()
-
-
 async def open_connection(origin: Origin) -> UpstreamConnection:
     """Connect (and for https, handshake with SNI and hostname checks).
 
     A checkpoint; the caller's cancel scope carries the connect timeout.
-    Raises ``OSError`` or :class:`StreamBroken` (TLS failures).
+    Raises ``OSError`` or :class:`StreamBroken` (TLS failures:
+    :class:`~proxycore.net.tls.TLSHandshakeFailed`).
     """
     scheme, host, port, ca_file = origin
     sock = await connect_tcp(host, port)
     if scheme == "http":
         return UpstreamConnection(origin, RawStream(sock))
-    try:
-        sock.setblocking(False)
-        trio_sock = trio.socket.from_stdlib_socket(sock)
-        ssl_stream = trio.SSLStream(
-            trio.SocketStream(trio_sock),
-            _tls_contexts.get(ca_file),
-            server_hostname=host,
-            https_compatible=True,
-        )
-        await ssl_stream.do_handshake()
-    except BaseException as exc:
-        trio.lowlevel.notify_closing(sock)
-        sock.close()
-        if isinstance(exc, trio.BrokenResourceError):
-            cause = exc.__cause__
-            reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-            raise StreamBroken(f"TLS handshake failed: {reason or type(cause).__name__}") from None
-        raise
+    ssl_stream = await start_tls(sock, host, ca_file)
     return UpstreamConnection(origin, TLSStream(ssl_stream, sock))
 
 
@@ -161,3 +145,35 @@ class Pool:
         while True:
             await trio.sleep(every)
             self.sweep()
+
+
+class StaleConnection(Exception):
+    """A reused connection died before any response byte (the upstream closed it while
+    idle): not the upstream's answer. Raised by an attempt only when ``conn.uses``."""
+
+
+async def with_stale_retry(
+    pool: Pool,
+    origin: Origin,
+    attempt: Callable[[UpstreamConnection], Awaitable[T]],
+    *,
+    connect: Callable[[Origin], Awaitable[UpstreamConnection]] = open_connection,
+    retry: bool = True,
+) -> T:
+    """Run ``attempt`` on a pooled connection to ``origin`` (or a new one from ``connect``).
+
+    If it raises :class:`StaleConnection` and ``retry`` is set, run it once more on a
+    connection from ``connect``: never another pooled one, which may be just as stale, so
+    there is at most one retry. Otherwise the :class:`StaleConnection` propagates (the
+    caller maps it to its own error). ``attempt`` owns the connection it is given: it
+    checks it back in or closes it. Errors from ``connect`` propagate unchanged.
+    """
+    conn = pool.checkout(origin)
+    if conn is None:
+        return await attempt(await connect(origin))
+    try:
+        return await attempt(conn)
+    except StaleConnection:
+        if not retry:
+            raise
+    return await attempt(await connect(origin))

@@ -29,7 +29,11 @@ from typing import Final, Protocol
 
 import trio
 
-__all__ = ["RawStream", "Stream", "StreamBroken", "TLSStream", "connect_tcp"]
+__all__ = ["CHUNK", "RawStream", "Stream", "StreamBroken", "TLSStream", "connect_tcp"]
+
+#: The read size: one read takes at most this many bytes into a caller-owned buffer
+#: (connection buffers, body pumps, head readers). The only definition in the package.
+CHUNK: Final = 4 * 1024
 
 _YIELD_EVERY: Final = 16
 _POLL_IN: Final = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP

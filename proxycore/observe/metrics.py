@@ -4,26 +4,27 @@ Counters and histograms are updated once per exchange, from its access-log
 record (``observe``), never per chunk; labelled children are cached per route
 so the hot path skips prometheus-client's label lookup. Gauges that describe
 the current state (connections, exchanges in flight, pool, config generation)
-are computed at scrape time by a collector, so they cost nothing per request.
+are read at scrape time through a :class:`Gauges` callable supplied by the owner
+of that state (``ProxyState.gauges``), so they cost nothing per request and this
+module needs no import of the proxy layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ..net.pool import Origin
 from ..observe.accesslog import ExchangeRecord
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from ..proxy.state import ProxyState
-
-__all__ = ["Metrics"]
+__all__ = ["Gauges", "Metrics"]
 
 _LATENCY_BUCKETS: Final = (
     0.0005,
@@ -60,34 +61,45 @@ class _RouteMetrics:
         self.bytes_out = metrics.bytes.labels(route, "out")
 
 
+class Gauges(NamedTuple):
+    """The current state, read once per scrape."""
+
+    exchanges_in_flight: int
+    client_connections: int
+    config_generation: int
+    #: Idle and busy upstream connections per origin.
+    pool_idle: Mapping[Origin, int]
+    pool_busy: Mapping[Origin, int]
+
+
 class _StateCollector(Collector):
-    def __init__(self, state: ProxyState) -> None:
-        self._state = state
+    def __init__(self, gauges: Callable[[], Gauges]) -> None:
+        self._gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
-        state = self._state
+        now = self._gauges()
         yield GaugeMetricFamily(
             "proxycore_exchanges_in_flight",
             "Exchanges being proxied now.",
-            value=state.exchanges_in_flight,
+            value=now.exchanges_in_flight,
         )
         yield GaugeMetricFamily(
             "proxycore_client_connections",
             "Open client connections.",
-            value=state.open_connections,
+            value=now.client_connections,
         )
         yield GaugeMetricFamily(
             "proxycore_config_generation",
             "Generation of the config in use (1 at start, +1 per successful reload).",
-            value=state.snapshot.generation,
+            value=now.config_generation,
         )
         pool = GaugeMetricFamily(
             "proxycore_pool_connections",
             "Upstream connections by origin and state.",
             labels=["upstream", "state"],
         )
-        idle = state.pool.counts()
-        busy = state.pool.busy
+        idle = now.pool_idle
+        busy = now.pool_busy
         for origin in sorted(set(idle) | set(busy), key=str):
             scheme, host, port, _ = origin
             name = f"{scheme}://{host}:{port}"
@@ -97,7 +109,12 @@ class _StateCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, state: ProxyState) -> None:
+    """One registry: per-exchange counters and histograms, plus the state gauges.
+
+    ``gauges`` is called at every scrape (never per request) for the current state.
+    """
+
+    def __init__(self, gauges: Callable[[], Gauges]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         self.requests = Counter(
@@ -135,7 +152,7 @@ class Metrics:
         self.reloads = Counter(
             "proxycore_reloads", "Config reloads by outcome.", ["outcome"], registry=reg
         )
-        reg.register(_StateCollector(state))
+        reg.register(_StateCollector(gauges))
         self._routes: dict[str, _RouteMetrics] = {}
 
     def observe(self, record: ExchangeRecord) -> None:

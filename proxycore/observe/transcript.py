@@ -15,14 +15,16 @@ from typing import Final
 
 import trio
 
-__all__ = ["TranscriptWriters"]
+__all__ = ["QUEUE_LINES", "TranscriptWriters", "append_line"]
 
 log: Final = logging.getLogger("proxycore.transcript")
 
 QUEUE_LINES: Final = 256
 
 
-def _append(path: str, line: bytes) -> None:
+def append_line(path: str, line: bytes) -> None:
+    """Append ``line`` to ``path`` (created ``0600``) with one ``write``; blocking, so the
+    writer task runs it in a worker thread. Raises ``OSError``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.write(fd, line)
@@ -39,7 +41,7 @@ class _Writer:
     async def run(self) -> None:
         async for line in self._receive:
             try:
-                await trio.to_thread.run_sync(_append, self.path, line)
+                await trio.to_thread.run_sync(append_line, self.path, line)
             except OSError as exc:
                 log.error("cannot append to transcript %s: %s", self.path, exc.strerror or exc)
 

@@ -19,6 +19,8 @@ from typing import Final
 import h11
 import trio
 
+from ..net.stream import CHUNK
+
 __all__ = ["METRICS_CONTENT_TYPE", "AdminApp", "serve_admin"]
 
 log: Final = logging.getLogger("proxycore.admin")
@@ -57,7 +59,7 @@ class AdminApp:
                 while True:
                     event = h.next_event()
                     if event is h11.NEED_DATA:
-                        h.receive_data(await stream.receive_some(4096))
+                        h.receive_data(await stream.receive_some(CHUNK))
                         continue
                     if not isinstance(event, h11.Request):
                         return
@@ -74,7 +76,7 @@ class AdminApp:
                     await stream.send_all(data)
                     while (event := h.next_event()) is not h11.PAUSED:
                         if event is h11.NEED_DATA:
-                            h.receive_data(await stream.receive_some(4096))
+                            h.receive_data(await stream.receive_some(CHUNK))
                         elif isinstance(event, h11.ConnectionClosed):
                             return
                     if h.our_state is not h11.DONE or h.their_state is not h11.DONE:

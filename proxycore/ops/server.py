@@ -1,8 +1,9 @@
-"""Listeners, lifecycle and the top-level ``serve``.
+"""The server: listeners, lifecycle and the top-level ``serve``.
 
 One nursery per listener holds that listener's client connections, one task
 each. ``max_connections`` is enforced at accept time: at the limit the proxy
-stops accepting and the kernel's backlog holds new clients.
+stops accepting and the kernel's backlog holds new clients. Binding and
+accepting (with its retry on resource errors) are :mod:`proxycore.net.listener`.
 
 Lifecycle (``Server``):
 
@@ -18,7 +19,6 @@ Lifecycle (``Server``):
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -27,6 +27,7 @@ from typing import Final
 import trio
 
 from ..config import Config, ConfigError
+from ..net.listener import accept, bind_listener
 from ..ops.admin import AdminApp, serve_admin
 from ..proxy.connection import ClientConnection
 from ..proxy.hooks import Hooks
@@ -38,47 +39,7 @@ __all__ = ["Server", "bind_listener", "serve"]
 
 log: Final = logging.getLogger("proxycore.server")
 
-BACKLOG: Final = 1024
-_ACCEPT_RETRY: Final = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
-)
-
 Address = tuple[str, int]
-
-
-def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A non-blocking listening TCP socket bound to ``host:port`` (port 0 works)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock
-
-
-async def _accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
-    while True:
-        try:
-            sock, addr = listener.accept()
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(listener)
-            continue
-        except OSError as exc:
-            if exc.errno not in _ACCEPT_RETRY:
-                raise
-            log.warning("accept failed (%s); retrying", errno.errorcode.get(exc.errno or 0))
-            await trio.sleep(0.05)
-            continue
-        return sock, addr
 
 
 async def _handle(
@@ -222,7 +183,7 @@ class Server:
                 while True:
                     await limit.acquire()
                     try:
-                        sock, addr = await _accept(listener)
+                        sock, addr = await accept(listener)
                     except BaseException:
                         limit.release()
                         raise

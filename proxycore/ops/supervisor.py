@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 
 from ..config import Config, ConfigError
 from ..net.client import fetch
+from ..net.stream import CHUNK
 from ..ops.admin import AdminApp, serve_admin
 from ..ops.server import Server
 from ..security.secrets import SecretError
@@ -120,7 +121,7 @@ class _Supervisor:
                 with trio.move_on_after(READY_TIMEOUT_S):
                     line = b""
                     while not line.endswith(b"\n"):
-                        chunk = await report.receive_some(4096)
+                        chunk = await report.receive_some(CHUNK)
                         if not chunk:
                             break
                         line += chunk

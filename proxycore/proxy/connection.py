@@ -32,8 +32,7 @@ from ..errors import (
     error_body,
 )
 from ..http.headers import reason_phrase, request_id_from, serialize_head
-from ..net.pipe import CHUNK
-from ..net.stream import RawStream, StreamBroken
+from ..net.stream import CHUNK, RawStream, StreamBroken
 from ..observe.accesslog import ExchangeRecord, log_exchange
 from ..proxy.exchange import Exchange
 from ..proxy.state import ProxyState
@@ -83,8 +82,10 @@ class ClientConnection:
                 if request is None:
                     break
                 first = False
-                exchange = Exchange(self, request, self.pending, snapshot)
-                if not await exchange.run() or state.draining:
+                outcome = await Exchange(self, state, request, self.pending, snapshot).run()
+                self.pending = outcome.leftover
+                self.linger |= outcome.linger
+                if not outcome.reuse or state.draining:
                     break
             if self.linger:
                 await self._linger()

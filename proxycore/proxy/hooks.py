@@ -27,11 +27,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from ..http.headers import Headers as Headers
 from ..http.sse import SSEEvent
 
 __all__ = ["ExchangeInfo", "Hooks", "Request", "Response", "Summary"]
-
-Headers = list[tuple[bytes, bytes]]
 
 
 @dataclass(slots=True)

@@ -13,6 +13,13 @@ client write holds ``_lock``. A heartbeat (``: keep-alive``) goes out only
 when nothing was written for ``heartbeat`` seconds *and* the parser is at an
 event boundary. Heartbeats are not upstream activity: the idle timeout counts
 upstream reads only.
+
+:func:`relay_sse` is the native front end's use of it (after the response head
+went out): the tap for the transcript, the ``on_sse_event`` hook, and an upstream
+failure turned into an ``error`` event plus a clean end when the client accepts
+``text/event-stream`` and the route has ``sse.errors`` on.
+:func:`sse_error_reply` is the same error before any head: a 200 event stream
+holding only the ``error`` event.
 """
 
 from __future__ import annotations
@@ -22,12 +29,23 @@ from typing import Final
 
 import trio
 
+from ..errors import (
+    ClientGone,
+    ProxyError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
 from ..http.chunked import LAST_CHUNK, ChunkedError, ChunkedScanner, encode_chunk_header
-from ..http.sse import _BOM, HEARTBEAT, SSEEvent, SSEParser
+from ..http.headers import add_sse_headers, serialize_head
+from ..http.sse import BOM, HEARTBEAT, SSEEvent, SSEParser, error_event
 from ..net.pipe import CHUNK, FramingError, IdleTimeout, SinkFailed, SourceFailed
 from ..net.stream import Stream, StreamBroken
+from ..proxy.ledger import Ledger
 
-__all__ = ["SSERelay"]
+__all__ = ["SSERelay", "relay_sse", "sse_error_reply"]
 
 _END_EVENT: Final = b"\n\n"
 
@@ -73,8 +91,8 @@ class SSERelay:
         async with self._lock:
             if body and not self._body_seen:
                 self._body_seen = True
-                if self._beats and data.startswith(_BOM):
-                    data = data[len(_BOM) :]  # a BOM only means something first; we sent first
+                if self._beats and data.startswith(BOM):
+                    data = data[len(BOM) :]  # a BOM only means something first; we sent first
             frame = encode_chunk_header(len(data)) + data + b"\r\n" if self._chunked_out else data
             try:
                 await self._down.send_all(frame)
@@ -184,3 +202,83 @@ class SSERelay:
                 scope.deadline = trio.current_time() + self._idle
         if scope.cancelled_caught:
             raise IdleTimeout(f"no body bytes for {self._idle:g} s")
+
+
+def _upstream_error(exc: Exception, idle: float) -> UpstreamError:
+    if isinstance(exc, IdleTimeout):
+        return UpstreamTimeout(f"response body idle for {idle:g} s")
+    if isinstance(exc, FramingError):
+        return UpstreamProtocolError("malformed chunked body from upstream")
+    return UpstreamReset(f"upstream failed mid-body: {exc}")
+
+
+async def relay_sse(
+    ledger: Ledger,
+    *,
+    up: Stream,
+    down: Stream,
+    buf: bytearray,
+    trailing: bytes,
+    kind: str,
+    length: int,
+    idle: float,
+    chunked_out: bool,
+    errors: bool,
+) -> bool:
+    """Relay an SSE body (its head already sent) with the route's SSE features.
+
+    ``kind``/``length``: the upstream framing; ``trailing``: the body bytes read with
+    the head. With ``errors``, an upstream failure ends the stream with an ``error``
+    event (recorded as that failure) instead of cutting it. True if the upstream
+    body ended cleanly with nothing read past it. Raises
+    :class:`~proxycore.errors.ClientGone` or the upstream failure.
+    """
+    route, rec = ledger.route, ledger.record
+    assert route is not None
+    sse = route.sse
+    tap = ledger.tap = SSEParser(max_bytes=sse.transcript_max_bytes)
+    relay = SSERelay(
+        up=up,
+        down=down,
+        buf=buf,
+        idle=idle,
+        chunked_out=chunked_out,
+        parser=tap,
+        heartbeat=sse.heartbeat,
+        on_event=ledger.sse_event if ledger.hooks.on_sse_event is not None else None,
+    )
+    first = trailing[:length] if kind == "length" else trailing
+    try:
+        try:
+            await relay.run(first, kind, length)
+        except (SourceFailed, IdleTimeout, FramingError) as exc:
+            error = _upstream_error(exc, idle)
+            if not errors:
+                raise error from None
+            rec.outcome, rec.error_kind = error.outcome, error.kind
+            await relay.finish(error_event(error.status, error.message, rec.request_id))
+            return False
+        await relay.finish()
+    except SinkFailed:
+        raise ClientGone("client went away during the response") from None
+    finally:
+        rec.bytes_out = relay.moved
+    if kind == "chunked":
+        return not relay.leftover
+    return kind == "length" and len(trailing) <= length
+
+
+def sse_error_reply(exc: ProxyError, request_id: str, *, close: bool) -> tuple[bytes, int]:
+    """Before the head: a 200 event stream holding only an ``error`` event for ``exc``.
+    Returns the whole response and its body size."""
+    status = exc.upstream_status if isinstance(exc, UpstreamStatus) else exc.status
+    body = error_event(status, exc.message, request_id)
+    headers = [
+        (b"Content-Type", b"text/event-stream"),
+        (b"Content-Length", b"%d" % len(body)),
+        (b"X-Request-ID", request_id.encode("ascii")),
+    ]
+    add_sse_headers(headers)
+    if close:
+        headers.append((b"Connection", b"close"))
+    return serialize_head(b"HTTP/1.1 200 OK\r\n", headers) + body, len(body)

@@ -15,7 +15,7 @@ import trio
 from ..config import Config
 from ..http.router import Router
 from ..net.pool import Pool
-from ..observe.metrics import Metrics
+from ..observe.metrics import Gauges, Metrics
 from ..observe.transcript import TranscriptWriters
 from ..proxy.hooks import Hooks
 from ..security.admission import Security
@@ -47,7 +47,18 @@ class ProxyState:
         #: Set whenever the last client connection closes.
         self.all_closed = trio.Event()
         self.all_closed.set()
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.gauges)
+
+    def gauges(self) -> Gauges:
+        """The current state for the metrics collector (called once per scrape)."""
+        pool = self.pool
+        return Gauges(
+            exchanges_in_flight=self.exchanges_in_flight,
+            client_connections=self.open_connections,
+            config_generation=self.snapshot.generation,
+            pool_idle=pool.counts(),
+            pool_busy=dict(pool.busy),
+        )
 
     def connection_opened(self) -> None:
         self.open_connections += 1

@@ -2,7 +2,10 @@
 
 ``Exchange.run`` calls :func:`relay_websocket` after routing, admission (inbound auth,
 policy and rate limits) and the ``on_request`` hook have run (an answer from the hook goes
-to the client instead; its header changes are the upstream handshake's).
+to the client instead; its header changes are the upstream handshake's). It is handed a
+frozen :class:`~proxycore.proxy.ws_handshake.UpgradeRequest` and lent the access record,
+and returns an :class:`~proxycore.proxy.ws_handshake.UpgradeResult`; the handshakes are in
+``ws_handshake.py``, the session relay here.
 ``on_response_head`` sees the upstream's 101 or refusal head before the client does.
 Errors name the route, never the upstream's address (that goes to the access log).
 One session:
@@ -10,7 +13,7 @@ One session:
 1. The client's handshake is checked (HTTP/1.1, no body, version 13, a key, ASCII where
    wsproto decodes); a bad one is a JSON error (400, 426). It is then *parsed, not
    answered*: trio-websocket's server side reads a stream that replays the head the proxy
-   already read (``raw_head + pending``), then the socket.
+   already read (``raw_head + pending``), then the connection's socket.
 2. Upstream handshake within the route's ``connect`` timeout: ``ws://`` or ``wss://`` (SNI,
    hostname check, ``ca_file``), path ``upstream_path + query``, the client's subprotocols
    and the headers an HTTP request would get (X-Forwarded-*, X-Request-ID, identity,
@@ -41,67 +44,30 @@ import json
 import logging
 import math
 import os
-import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final
 
 import trio
-from trio_websocket import (
-    CloseReason,
-    ConnectionClosed,
-    ConnectionRejected,
-    WebSocketConnection,
-    WebSocketRequest,
-    wrap_client_stream,
-    wrap_server_stream,
-)
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
-from ..errors import (
-    BadRequest,
-    ClientGone,
-    DownstreamError,
-    ProxyError,
-    UpstreamConnectError,
-    UpstreamConnectTimeout,
-    UpstreamProtocolError,
-    UpstreamReset,
-    connect_reason,
-    public_reason,
-)
-from ..http.headers import (
-    HOP_BY_HOP,
-    NO_BODY,
-    Framing,
-    Headers,
-    downstream_response_headers,
-    reason_phrase,
-    serialize_head,
-    upstream_request_headers,
-)
-from ..net.pool import _tls_contexts
+from ..errors import ProxyError, UpstreamConnectError, connect_reason, public_reason
 from ..net.stream import StreamBroken, connect_tcp
-from ..observe.accesslog import access_logger
-
-if TYPE_CHECKING:
-    from ..http.router import Match
-    from ..proxy.exchange import Exchange
-    from ..security.admission import Admission
-
-__all__ = ["relay_websocket"]
-
-log: Final = logging.getLogger("proxycore.websocket")
-
-#: How long each closing handshake may take before the connection is cut.
-CLOSE_TIMEOUT_S: Final = 5.0
-#: Socket read size, both sides (4 KiB halves throughput: wsproto's cost is per read).
-RECV_BYTES: Final = 65536
-#: Handshake headers trio-websocket makes itself: client copies never go upstream.
-WS_HANDSHAKE: Final = frozenset(
-    b"sec-websocket-" + n for n in (b"key", b"version", b"extensions", b"protocol", b"accept")
+from ..net.tls import start_tls
+from ..observe.accesslog import ExchangeRecord, access_logger
+from ..proxy.ws_handshake import (
+    GOING_AWAY,
+    Connector,
+    Handshake,
+    UpgradeRequest,
+    UpgradeResult,
+    UpstreamSocket,
+    check_client,
+    close_ws,
 )
-_NOT_IN_101: Final = WS_HANDSHAKE | HOP_BY_HOP | {b"content-length", b"x-request-id"}
-GOING_AWAY, POLICY, INTERNAL = 1001, 1008, 1011
+
+__all__ = ["open_upstream", "relay_websocket"]
+
+POLICY, INTERNAL = 1008, 1011
 #: Codes that never travel in a frame: the peer vanished (or its TLS failed).
 _ABNORMAL: Final = frozenset({1006, 1015})
 LIFETIME_REASON: Final = "session lifetime exceeded, reconnect"
@@ -109,75 +75,33 @@ LIFETIME_REASON: Final = "session lifetime exceeded, reconnect"
 Close = tuple[int, str]
 
 
-class UpgradeRequired(DownstreamError):
-    status = 426
-    type = "upgrade_required"
+async def open_upstream(up: UpgradeRequest) -> UpstreamSocket:
+    """The upstream connection of an upgrade: TCP, then for ``wss://`` (and ``https://``)
+    TLS through :func:`~proxycore.net.tls.start_tls`, the pool's handshake path."""
+    target = up.route.target
+    address = f"{target.host}:{target.port}"  # for the access log only
+    try:
+        sock = await connect_tcp(target.host, target.port)
+    except OSError as exc:
+        raise UpstreamConnectError(
+            f"cannot connect to {up.where}: {connect_reason(exc)}",
+            detail=f"{address}: {exc.strerror or exc}",
+        ) from None
 
+    def close() -> None:
+        if sock.fileno() != -1:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
 
-class _Reader:
-    """Passed to trio-websocket as the nursery for a connection's reader task.
-
-    trio-websocket lets the reader's exceptions escape into that nursery (a refused
-    upstream handshake raises ``ConnectionRejected`` there; a malformed 101 an h11/wsproto
-    error). Here the exception is kept instead, and ``watch`` (a scope waiting on a
-    handshake) is cancelled when the reader ends, so a peer that quits mid-handshake is
-    seen at once.
-    """
-
-    def __init__(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
-        self.error: Exception | None = None
-        self.done = False
-        self.watch: trio.CancelScope | None = None
-
-    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        self._nursery.start_soon(self._run, fn, *args)
-
-    async def _run(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
-        try:
-            await fn(*args)
-        except Exception as exc:
-            self.error = exc
-            if self.watch is None:
-                log.warning("WebSocket reader failed: %s", type(exc).__name__)
-        finally:
-            self.done = True
-            if self.watch is not None:
-                self.watch.cancel()
-
-    @property
-    def nursery(self) -> trio.Nursery:
-        return cast("trio.Nursery", self)  # trio-websocket only calls start_soon on it
-
-
-class _ClientStream(trio.abc.Stream):
-    """The client's socket as a trio stream that first replays the bytes already read.
-
-    It wraps the very ``socket.socket`` object the connection's ``RawStream`` holds (no
-    dup), so whichever closes first closes it: trio's close and ``RawStream.close`` both
-    check ``fileno() != -1`` and call ``notify_closing`` first, so the descriptor is
-    closed exactly once and no task is left waiting on a number the kernel may reuse.
-    """
-
-    def __init__(self, sock: socket.socket, replay: bytes) -> None:
-        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        self._replay = replay
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._replay:  # in one piece: wsproto's h11 refuses a partial head over 16 KiB
-            await trio.lowlevel.checkpoint()
-            data, self._replay = self._replay, b""
-            return data
-        return await self._stream.receive_some(max_bytes or RECV_BYTES)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+    if target.scheme == "http":
+        return UpstreamSocket(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), close)
+    try:
+        tls = await start_tls(sock, target.host, up.route.ca_file)
+    except StreamBroken as exc:
+        raise UpstreamConnectError(
+            f"{up.where}: {public_reason(str(exc))}", detail=f"{address}: {exc}"
+        ) from None
+    return UpstreamSocket(tls, close)
 
 
 def _size(message: str | bytes) -> int:
@@ -186,243 +110,46 @@ def _size(message: str | bytes) -> int:
     return len(message.encode("utf-8"))
 
 
-async def _close(ws: WebSocketConnection, code: int, reason: str) -> None:
-    """Closing handshake, bounded; a no-op on a side that is already closed."""
-    with trio.move_on_after(CLOSE_TIMEOUT_S):
-        await ws.aclose(code, reason or None)
+async def relay_websocket(
+    up: UpgradeRequest, record: ExchangeRecord, *, connect: Connector = open_upstream
+) -> UpgradeResult:
+    """Proxy one WebSocket session (see the module docstring). Raises :class:`ProxyError`
+    only before anything was sent to the client. Writes only the lent ``record``."""
+    subprotocols = check_client(up)
+    target = up.route.target
+    record.upstream = f"{target.scheme}://{target.host_header}"
+    handshake = Handshake(up, record, connect)
+    error: ProxyError | None = None
+    try:
+        async with trio.open_nursery() as readers:
+            try:
+                pair = await handshake.open(readers, subprotocols)
+                if pair is not None:
+                    await _Session(up, record).relay(*pair)
+            except ProxyError as exc:
+                error = exc  # kept out of the nursery: it would wrap it in a group
+            readers.cancel_scope.cancel()
+    finally:
+        linger = handshake.close()
+    if error is not None:
+        raise error
+    if handshake.rejected is not None:
+        await handshake.relay_refusal()
+        return UpgradeResult(head_sent=True, linger=True)
+    return UpgradeResult(head_sent=handshake.accepted, linger=linger)
 
 
 class _Session:
-    def __init__(self, exchange: Exchange, match: Match, query: bytes, admission: Admission):
-        self.x, self.route, self.admission = exchange, match.route, admission
-        self.resource = match.upstream_path + query
-        self.ws = self.route.ws
-        self.timeouts = exchange.snapshot.config.timeouts_for(self.route)
-        self.client_ws: WebSocketConnection | None = None
-        self.up_sock: trio.socket.SocketType | None = None
-        self.rejected: ConnectionRejected | None = None
+    """One accepted session: the relay, its timers and its log line."""
+
+    def __init__(self, up: UpgradeRequest, record: ExchangeRecord) -> None:
+        self.record, self.drain = record, up.drain
+        self.ws, self.timeouts = up.route.ws, up.timeouts
         self.outcome, self.client_close, self.upstream_close = "", (0, ""), (0, "")
         self.ended = trio.Event()
         self.messages, self.sizes = [0, 0], [0, 0]  # [client -> upstream, upstream -> client]
         self.started, self.idle_deadline = 0.0, math.inf
         self.up_blocked = False  # the client -> upstream pump waits on the upstream
-
-    async def run(self) -> None:
-        subprotocols = self.check_client()
-        rec, up = self.x.record, self.route.target
-        rec.upstream = f"{up.scheme}://{up.host_header}"
-        error: ProxyError | None = None
-        try:
-            async with trio.open_nursery() as readers:
-                try:
-                    await self.handshake(readers, subprotocols)
-                except ProxyError as exc:
-                    error = exc  # kept out of the nursery: it would wrap it in a group
-                readers.cancel_scope.cancel()
-        finally:
-            if self.up_sock is not None:
-                self.up_sock.close()
-            if self.client_ws is not None and self.x.client.stream.sock.fileno() != -1:
-                # trio-websocket left it open (the client's close came first, or it stopped
-                # reading after a too-big message): the connection closes it, lingering.
-                self.x.client.linger = True
-        if error is not None:
-            raise error
-        if self.rejected is not None:
-            await self.relay_refusal(self.rejected)
-
-    # -- handshake ---------------------------------------------------------
-
-    def check_client(self) -> list[str]:
-        """Refuse what trio-websocket's server side would; the offered subprotocols."""
-        x = self.x
-        if not x.client_11:
-            raise BadRequest("WebSocket needs HTTP/1.1")
-        if x.body_start or not x.request_done:
-            raise BadRequest("a WebSocket handshake must not have a body")
-        values: dict[bytes, list[bytes]] = {}
-        for name, value in x.headers:
-            values.setdefault(name.lower(), []).append(value)
-        if values.get(b"sec-websocket-version", [b""])[-1].strip() != b"13":
-            raise UpgradeRequired(
-                "only WebSocket version 13 is supported",
-                headers=[(b"Sec-WebSocket-Version", b"13")],
-            )
-        if not values.get(b"sec-websocket-key"):
-            raise BadRequest("missing Sec-WebSocket-Key")
-        protocols = b",".join(values.get(b"sec-websocket-protocol", []))
-        try:  # what wsproto decodes (the Host is sent upstream, so ASCII too)
-            for value in (x.request.target, protocols, *values.get(b"host", [])):
-                value.decode("ascii")
-            b",".join(values.get(b"sec-websocket-extensions", [])).decode("ascii")
-            for host in values.get(b"host", []):
-                host.decode("idna")
-        except UnicodeError:
-            raise BadRequest("invalid bytes in the WebSocket handshake") from None
-        return [s for s in (p.decode().strip() for p in protocols.split(b",")) if s]
-
-    async def handshake(self, readers: trio.Nursery, subprotocols: list[str]) -> None:
-        rec = self.x.record
-        client_reader, upstream_reader = _Reader(readers), _Reader(readers)
-        client = self.x.client
-        request: WebSocketRequest | None = None
-        with trio.CancelScope() as client_reader.watch:
-            request = await wrap_server_stream(
-                client_reader.nursery,
-                _ClientStream(client.stream.sock, client.raw_head + client.pending),
-                message_queue_size=1,
-                max_message_size=self.ws.max_message_bytes,
-                receive_buffer_size=None,  # the replay in one piece, then RECV_BYTES
-            )
-        if request is None:  # trio-websocket refused the head (check_client should have)
-            raise BadRequest("malformed WebSocket handshake")
-        upstream_ws = await self.connect_upstream(upstream_reader, client_reader, subprotocols)
-        rec.ttfb = trio.current_time() - rec.started
-        if upstream_ws is None:
-            return
-        reply = await self.reply_headers(upstream_ws)
-        try:
-            self.client_ws = await request.accept(
-                subprotocol=upstream_ws.subprotocol, extra_headers=reply
-            )
-        except ConnectionClosed:
-            rec.status, rec.outcome = ClientGone.status, ClientGone.outcome
-            await _close(upstream_ws, GOING_AWAY, "client went away")
-            return
-        self.x.head_sent = True
-        rec.status = 101
-        await self.relay(self.client_ws, upstream_ws)
-
-    @property
-    def where(self) -> str:
-        """The upstream as errors name it to the client: by route, never by address."""
-        return f"the upstream of route {self.route.name!r}"
-
-    async def open_upstream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-        up = self.route.target
-        address = f"{up.host}:{up.port}"  # for the access log only
-        try:
-            self.up_sock = trio.socket.from_stdlib_socket(await connect_tcp(up.host, up.port))
-        except OSError as exc:
-            raise UpstreamConnectError(
-                f"cannot connect to {self.where}: {connect_reason(exc)}",
-                detail=f"{address}: {exc.strerror or exc}",
-            ) from None
-        stream = trio.SocketStream(self.up_sock)
-        if up.scheme == "http":
-            return stream
-        context = _tls_contexts.get(self.route.ca_file)
-        tls = trio.SSLStream(stream, context, server_hostname=up.host, https_compatible=True)
-        try:
-            await tls.do_handshake()
-        except trio.BrokenResourceError as exc:
-            cause = exc.__cause__
-            reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-            reason = str(reason or type(cause).__name__)
-            raise UpstreamConnectError(
-                f"{self.where}: TLS handshake failed: {public_reason(reason)}",
-                detail=f"{address}: TLS handshake failed: {reason}",
-            ) from None
-        return tls
-
-    async def connect_upstream(
-        self, reader: _Reader, client: _Reader, subprotocols: list[str]
-    ) -> WebSocketConnection | None:
-        """The upstream connection after its 101; None if it refused (``self.rejected``)."""
-        x, up = self.x, self.route.target
-        host = up.host_header.encode("ascii")
-        if self.route.preserve_host:
-            host = next((v for n, v in x.headers if n.lower() == b"host"), host)
-        headers = upstream_request_headers(
-            x.headers,
-            host=host,
-            forwarded_for=x.forwarded_for,
-            request_id=x.request_id,
-            framing=NO_BODY,
-            identity_encoding=False,
-            drop=self.admission.drop | WS_HANDSHAKE,
-            extra=self.admission.extra,
-        )
-        ws: WebSocketConnection | None = None
-        with trio.move_on_after(self.timeouts.connect) as timer:
-            stream = await self.open_upstream()
-            with trio.CancelScope() as scope:
-                reader.watch = client.watch = scope  # either reader ending stops the wait
-                ws = await wrap_client_stream(
-                    reader.nursery,
-                    stream,
-                    host.decode("ascii"),  # trio-websocket sends Host itself
-                    self.resource.decode("ascii"),
-                    subprotocols=subprotocols,
-                    extra_headers=[(n, v) for n, v in headers if n.lower() != b"host"],
-                    message_queue_size=1,
-                    max_message_size=self.ws.max_message_bytes,
-                    receive_buffer_size=RECV_BYTES,
-                )
-            reader.watch = client.watch = None
-        if ws is not None:
-            return ws
-        where, address = self.where, f"{up.host}:{up.port}"
-        if timer.cancelled_caught:
-            raise UpstreamConnectTimeout(
-                f"WebSocket handshake with {where} timed out",
-                detail=f"{address}: WebSocket handshake timed out",
-            )
-        if not reader.done:
-            raise ClientGone("client went away during the WebSocket handshake")
-        if isinstance(reader.error, ConnectionRejected):
-            self.rejected = reader.error
-            return None
-        if reader.error is not None:
-            raise UpstreamProtocolError(
-                f"invalid WebSocket handshake response from {where}",
-                detail=f"{address}: {type(reader.error).__name__}",
-            )
-        raise UpstreamReset(
-            f"{where} closed the connection during the WebSocket handshake",
-            detail=f"{address}: closed during the WebSocket handshake",
-        )
-
-    async def reply_headers(self, upstream: WebSocketConnection) -> Headers:
-        """Headers of the upstream's 101 worth passing on (Set-Cookie...), plus X-Request-ID.
-
-        ``on_response_head`` sees (and may change) them first, as any response head."""
-        headers = await self.response_head_hook(101, list(upstream.handshake_headers))
-        out = [(n, v) for n, v in headers if n.lower() not in _NOT_IN_101]
-        return [*out, (b"X-Request-ID", self.x.request_id)]
-
-    async def response_head_hook(self, status: int, headers: Headers) -> Headers:
-        """Run ``on_response_head`` on an upstream head, as for HTTP responses: a hook that
-        fails or sets an invalid header is a 500 (nothing was sent to the client yet)."""
-        x = self.x
-        if x.hooks.on_response_head is not None:
-            hook = x.hooks.on_response_head(x.info, status, headers)
-            await x._call_hook("on_response_head", hook)
-            x._check_hook_headers("on_response_head", headers)
-        return headers
-
-    async def relay_refusal(self, exc: ConnectionRejected) -> None:
-        """The upstream's refusal as a plain response; then the connection closes."""
-        x, rec = self.x, self.x.record
-        status, body = exc.status_code, exc.body or b""
-        framing = Framing("length", len(body))
-        if status < 200 or status in (204, 304):
-            body, framing = b"", NO_BODY
-        up_headers = await self.response_head_hook(status, list(exc.headers))
-        headers = downstream_response_headers(
-            up_headers,
-            request_id=x.request_id,
-            framing=framing,
-            keep_length=False,
-            close=True,
-        )
-        head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)), headers)
-        rec.status, rec.outcome, rec.bytes_out = status, "websocket_refused", len(body)
-        x.head_sent = x.client.linger = True
-        with contextlib.suppress(StreamBroken):
-            await x.client.stream.send_all(head + body)
-
-    # -- session -----------------------------------------------------------
 
     async def relay(self, client_ws: WebSocketConnection, upstream_ws: WebSocketConnection) -> None:
         self.started = trio.current_time()
@@ -437,8 +164,8 @@ class _Session:
             # The pumps keep running: a frame being written is finished (the close frame
             # queues behind it), or cut with the connection if the close times out.
             async with trio.open_nursery() as closing:
-                closing.start_soon(_close, client_ws, *self.client_close)
-                closing.start_soon(_close, upstream_ws, *self.upstream_close)
+                closing.start_soon(close_ws, client_ws, *self.client_close)
+                closing.start_soon(close_ws, upstream_ws, *self.upstream_close)
             nursery.cancel_scope.cancel()
         self.log_session()
 
@@ -447,7 +174,7 @@ class _Session:
         if not self.ended.is_set():
             self.outcome, self.client_close, self.upstream_close = outcome, client, upstream
             if outcome == "websocket_upstream_lost":
-                self.x.record.error_kind = "reset"
+                self.record.error_kind = "reset"
             self.ended.set()
 
     def closed_by(self, client_side: bool, reason: CloseReason | None) -> None:
@@ -492,7 +219,7 @@ class _Session:
         """Idle and lifetime deadlines, and graceful shutdown: registered like a keep-alive
         wait (``start_draining`` cancels those), a drain closes the session with 1001 at once
         instead of being held ``shutdown_grace`` by sessions that could last hours."""
-        state, lifetime = self.x.client.state, self.ws.max_lifetime
+        state, lifetime = self.drain, self.ws.max_lifetime
         end = self.started + lifetime if lifetime else math.inf
         with trio.CancelScope() as drain:
             state.idle_waits.add(drain)
@@ -533,7 +260,7 @@ class _Session:
                 return
 
     def log_session(self) -> None:
-        rec = self.x.record
+        rec = self.record
         rec.bytes_in, rec.bytes_out = self.sizes
         rec.outcome = self.outcome
         if access_logger.isEnabledFor(logging.INFO):
@@ -555,11 +282,3 @@ class _Session:
                 "outcome": self.outcome,
             }
             access_logger.info(json.dumps(line, separators=(",", ":")))
-
-
-async def relay_websocket(
-    exchange: Exchange, match: Match, query: bytes, admission: Admission
-) -> None:
-    """Proxy one WebSocket session (see the module docstring). Raises :class:`ProxyError`
-    only before anything was sent to the client."""
-    await _Session(exchange, match, query, admission).run()

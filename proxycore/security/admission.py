@@ -133,7 +133,7 @@ class RouteGuard:
         if self.mode == "bearer":
             key = admission.identity = self._bearer(headers)
         elif self.mode == "forward_auth":
-            key = await self._forward_auth(method, view.target, headers, client_ip, admission)
+            key = await self._forward_auth(method, view.auth_target, headers, client_ip, admission)
             admission.identity = key
         refusal = self.policy.check(method, view.path, view.query)
         if refusal is not None:

@@ -19,25 +19,22 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import Final
 
 import h11
 import trio
 
 from ..config import Inbound
-from ..config.checks import _parse_upstream
+from ..config.checks import parse_upstream as _parse_upstream
 from ..http.headers import Headers
-from ..net.pool import Origin, Pool, UpstreamConnection, open_connection
+from ..net.pool import Origin, Pool, StaleConnection, UpstreamConnection, with_stale_retry
 from ..net.stream import StreamBroken
 
 __all__ = ["Decision", "ForwardAuth"]
 
 MAX_CACHE_ENTRIES: Final = 10_000
 MAX_AUTH_RESPONSE_BYTES: Final = 64 * 1024
-
-
-class _Stale(Exception):
-    """A reused connection closed before answering."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +72,7 @@ class ForwardAuth:
     def __init__(self, settings: Inbound, pool: Pool) -> None:
         assert settings.url is not None
         target = _parse_upstream(settings.url)
-        self._origin: Origin = (target.scheme, target.host, target.port, None)
+        self._origin = Origin(target.scheme, target.host, target.port, None)
         self._host = target.host_header.encode()
         self._target = target.base_path.encode()
         self._timeout = settings.timeout
@@ -135,33 +132,23 @@ class ForwardAuth:
         """One GET to the auth service; a pooled connection that turns out dead
         before any response byte is retried once on a fresh one (an idle
         keep-alive connection the service closed is not its answer)."""
-        conn = self._pool.checkout(self._origin)
-        for attempt in (1, 2):
-            if conn is None:
-                try:
-                    conn = await open_connection(self._origin)
-                except (OSError, StreamBroken):
-                    return UNDECIDED
-            try:
-                decision, reusable = await self._exchange(conn, request)
-            except _Stale:
-                conn.close()
-                conn = None
-                if attempt == 1:
-                    continue
-                return UNDECIDED
-            except (OSError, StreamBroken, h11.ProtocolError):
-                conn.close()
-                return UNDECIDED
-            except BaseException:
-                conn.close()
-                raise
-            if reusable:
-                self._pool.checkin(conn)
-            else:
-                conn.close()
-            return decision
-        return UNDECIDED
+        try:
+            return await with_stale_retry(self._pool, self._origin, partial(self._attempt, request))
+        except (OSError, StreamBroken, h11.ProtocolError, StaleConnection):
+            return UNDECIDED
+
+    async def _attempt(self, request: Headers, conn: UpstreamConnection) -> Decision:
+        """The exchange on ``conn``, which is then checked in (reusable) or closed."""
+        try:
+            decision, reusable = await self._exchange(conn, request)
+        except BaseException:
+            conn.close()
+            raise
+        if reusable:
+            self._pool.checkin(conn)
+        else:
+            conn.close()
+        return decision
 
     async def _exchange(self, conn: UpstreamConnection, request: Headers) -> tuple[Decision, bool]:
         h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_AUTH_RESPONSE_BYTES)
@@ -171,7 +158,7 @@ class ForwardAuth:
             await conn.stream.send_all(data)
         except StreamBroken:
             if conn.uses:
-                raise _Stale from None
+                raise StaleConnection from None
             raise
         buf = bytearray(4096)
         status = 0
@@ -186,7 +173,7 @@ class ForwardAuth:
                 except StreamBroken:
                     n = 0
                 if not n and not got and conn.uses:
-                    raise _Stale
+                    raise StaleConnection
                 got += n
                 h.receive_data(bytes(buf[:n]))
                 continue

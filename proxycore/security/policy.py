@@ -1,4 +1,4 @@
-"""Per-route request policy, evaluated on the request head. Pure module: no trio, stdlib only.
+"""Per-route request policy, evaluated on the request head. Pure: no trio, no sockets.
 
 A :class:`Policy` is compiled once from a route's settings and answers, per request, either
 ``None`` (allowed) or a :class:`Refusal` that the caller turns into an error response. Rules are
@@ -11,7 +11,11 @@ percent-decoded, ``;params`` removed, empty segments merged. ``deny_paths`` are 
 whole of that path. Note that ``*`` matches any characters INCLUDING ``/`` (and ``?`` any one
 character, ``/`` too): ``/admin/*`` denies ``/admin/x``, ``/admin/x/y``, ``/adm%69n/x``,
 ``//admin/x`` and ``/admin;v=1/x`` but neither ``/admin`` nor ``/administrator``; list ``/admin``
-as well to deny it. The query is never matched.
+as well to deny it. A pattern also denies its path with one trailing ``/`` (``/admin`` denies
+``/admin/``, which Spring MVC serves as ``/admin``). The query is never matched.
+
+The setting validators (:func:`validate_methods`, :func:`validate_pattern`) live in
+:mod:`proxycore.config.checks`, which reports them at load time; they are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from ..config.checks import validate_methods as validate_methods
+from ..config.checks import validate_pattern as validate_pattern
+
 __all__ = ["Policy", "Refusal", "is_git_push", "validate_methods", "validate_pattern"]
 
 _PERCENT: Final = re.compile(rb"%([0-9A-Fa-f]{2})")
-_PERCENT_STR: Final = re.compile(r"%[0-9A-Fa-f]{2}")
-_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _QUERY_SPLIT: Final = re.compile(rb"[&;]")
 
 _RECEIVE_PACK: Final = "/git-receive-pack"
@@ -88,32 +93,6 @@ def is_git_push(method: bytes, path: str, query: bytes) -> bool:
         if sep and _unquote(name) == _SERVICE and _unquote(value) == _RECEIVE_PACK_SERVICE:
             return True
     return False
-
-
-def validate_methods(methods: Sequence[str]) -> str | None:
-    """A problem with a ``methods`` allow-list, or ``None``. Methods are case-sensitive
-    RFC 9110 tokens; upper case is required so that ``get`` is not silently never matched."""
-    if isinstance(methods, str) or not methods:
-        return "must be a non-empty list of HTTP methods"
-    seen: set[str] = set()
-    for method in methods:
-        if not isinstance(method, str) or not _TOKEN.fullmatch(method):
-            return f"each method must be an HTTP token (e.g. GET), got {method!r}"
-        if method != method.upper():
-            return f"methods are case-sensitive and must be upper-case, got {method!r}"
-        if method in seen:
-            return f"duplicate method {method!r}"
-        seen.add(method)
-    return None
-
-
-def validate_pattern(p: str) -> str | None:
-    """A problem with a ``deny_paths`` glob pattern, or ``None``."""
-    if not isinstance(p, str) or not p.startswith("/"):
-        return f"must be a path pattern starting with '/', got {p!r}"
-    if _PERCENT_STR.search(p):
-        return f"is matched against the percent-decoded path: write characters decoded, got {p!r}"
-    return None
 
 
 class Policy:
@@ -178,6 +157,8 @@ class Policy:
                 return self._method_refusal
         elif method in _DANGEROUS_METHODS:
             return _DANGEROUS_REFUSAL
-        if self._deny is not None and self._deny.match(path):
-            return _FORBIDDEN
+        if self._deny is not None and (
+            self._deny.match(path) or (path.endswith("/") and self._deny.match(path[:-1]))
+        ):
+            return _FORBIDDEN  # '/admin' also denies '/admin/' (Spring's trailing-slash match)
         return None

@@ -24,7 +24,7 @@ import h11
 import pytest
 import trio
 
-from proxycore import Config, Route
+from proxycore import Config, Hooks, Request, Response, Route
 from proxycore.config import Inbound
 from proxycore.proxy.asgi import ProxyApp
 from proxycore.security.secrets import generate_secret
@@ -526,3 +526,134 @@ async def test_http2_upload_without_length_is_chunked_upstream() -> None:
             assert "content-length" not in seen
             assert "transfer-encoding" not in seen
             nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- ASGI called directly
+# ProxyApp driven with plain ``receive``/``send`` callables (no ASGI server): what the app
+# sends is asserted message by message. The upstream is a raw socket server.
+
+
+async def call_app(
+    app: ProxyApp, messages: list[dict[str, Any]], **scope: Any
+) -> list[dict[str, Any]]:
+    """Run one ``http`` request through ``app``; the messages it sent, in order."""
+    incoming = list(messages)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if incoming:
+            return incoming.pop(0)
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    base: dict[str, Any] = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/x",
+        "raw_path": b"/x",
+        "query_string": b"",
+        "headers": [(b"host", b"app.example")],
+        "client": ("127.0.0.1", 40000),
+        "extensions": {},
+    }
+    try:
+        await app({**base, **scope}, receive, send)
+    finally:
+        if app.state is not None:  # no lifespan here: close what the pool kept
+            app.state.pool.close_all()
+    return sent
+
+
+EARLY: Final = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+NO_BODY_MESSAGE: Final = {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def early_hints_upstream(nursery: trio.Nursery, heads: list[bytes]) -> int:
+    async def upstream(stream: trio.SocketStream) -> None:
+        heads.append(await read_until(stream, b"\r\n\r\n"))
+        await stream.send_all(EARLY + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await trio.sleep_forever()
+
+    return await start_raw_server(nursery, upstream)
+
+
+async def test_early_hints_are_relayed_where_the_server_offers_them() -> None:
+    """An upstream 103 becomes ``http.response.early_hint`` (its Link values) when the
+    scope offers the extension (hypercorn: HTTP/2 and 3); X-Forwarded-Proto is the
+    scope's scheme."""
+    heads: list[bytes] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await early_hints_upstream(nursery, heads)
+            app = proxy_app(f"http://127.0.0.1:{port}/")
+            sent = await call_app(
+                app,
+                [NO_BODY_MESSAGE],
+                http_version="2",
+                scheme="https",
+                extensions={"http.response.early_hint": {}},
+            )
+            nursery.cancel_scope.cancel()
+    assert [m["type"] for m in sent] == [
+        "http.response.early_hint",
+        "http.response.start",
+        "http.response.body",
+    ]
+    assert sent[0]["links"] == [b"</a.css>; rel=preload"]
+    assert sent[1]["status"] == 200
+    assert sent[2]["body"] == b"ok"
+    assert b"\r\nX-Forwarded-Proto: https\r\n" in heads[0]
+
+
+async def test_early_hints_are_dropped_without_the_extension() -> None:
+    heads: list[bytes] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await early_hints_upstream(nursery, heads)
+            sent = await call_app(proxy_app(f"http://127.0.0.1:{port}/"), [NO_BODY_MESSAGE])
+            nursery.cancel_scope.cancel()
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert b"\r\nX-Forwarded-Proto: http\r\n" in heads[0]
+
+
+async def test_max_body_bytes_is_checked_on_the_first_body_message() -> None:
+    """No framing header (HTTP/2): a complete first message over the route's limit is a
+    413, and nothing goes upstream."""
+    heads: list[bytes] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await early_hints_upstream(nursery, heads)
+            route = Route(prefix="/", upstream=f"http://127.0.0.1:{port}/", max_body_bytes=3)
+            app = ProxyApp(Config(routes=(route,)))
+            message = {"type": "http.request", "body": b"abcd", "more_body": False}
+            sent = await call_app(app, [message], method="POST", http_version="2")
+            nursery.cancel_scope.cancel()
+    assert sent[0]["type"] == "http.response.start"
+    assert sent[0]["status"] == 413
+    assert heads == []
+
+
+async def test_on_request_hook_sees_the_same_request_view_as_native() -> None:
+    """The hook gets the decision path and the query with its ``?``, as on the native
+    server (both front ends build the request through ``preflight.request_view``)."""
+    seen: list[tuple[str, str]] = []
+
+    async def on_request(request: Request) -> Response:
+        seen.append((request.path, request.query))
+        return Response(status=200, body=b"hooked")
+
+    app = ProxyApp(
+        Config(routes=(Route(prefix="/", upstream="http://127.0.0.1:9/"),)),
+        hooks=Hooks(on_request=on_request),
+    )
+    with trio.fail_after(10):
+        sent = await call_app(
+            app, [NO_BODY_MESSAGE], path="/a//b", raw_path=b"/a//b", query_string=b"x=1"
+        )
+    assert seen == [("/a/b", "?x=1")]
+    assert sent[-1]["body"] == b"hooked"

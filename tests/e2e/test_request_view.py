@@ -22,7 +22,7 @@ from proxycore.proxy.hooks import Hooks, Request, Response
 from proxycore.security.secrets import generate_secret
 from tests.e2e.test_forward_auth import AuthService
 from tests.e2e.test_smuggling import RecordingUpstream, read_to_eof
-from tests.helpers import start_app
+from tests.helpers import start_app, start_raw_server
 
 LOCAL = ServerSettings(listen=("127.0.0.1:0",))
 
@@ -209,11 +209,14 @@ async def test_forward_auth_is_asked_about_the_normalized_uri() -> None:
             inbound = Inbound(mode="forward_auth", url=f"http://{auth_host}:{auth_port}/verify")
             config = Config(routes=(Route("/", up.url),), server=LOCAL, inbound=inbound)
             port = await start(nursery, config)
-            reply = await raw(port, get(b"//%61pi;v=1/x?q=1", b"Authorization: Bearer good"))
+            request = get(b"//%61pi;v=1/x?q=1", b"Authorization: Bearer good")
+            reply = await raw(port, request.replace(b"Host: x", b"Host: status.example.com"))
             assert status_of(reply) == 200
             nursery.cancel_scope.cancel()
     (_, headers), *_ = auth.calls
-    assert headers["x-forwarded-uri"] == ["/api;v=1/x?q=1"]
+    # The auth service decides on the view (params dropped, as Tomcat/Spring serve it).
+    assert headers["x-forwarded-uri"] == ["/api/x?q=1"]
+    assert headers["x-forwarded-host"] == ["status.example.com"]  # validated, as sent
     assert forwarded_target(up) == b"/api;v=1/x?q=1"
 
 
@@ -329,7 +332,7 @@ async def test_trusted_proxy_supplies_the_client_address(
             xff = b"X-Forwarded-For: 6.6.6.6, 198.51.100.1, 10.0.0.9"
             assert status_of(await raw(port, get(b"/a", xff))) == 200
             chain = dict(forwarded_headers(up))[b"x-forwarded-for"]
-            assert chain == b"6.6.6.6, 198.51.100.1, 10.0.0.9, 127.0.0.1"
+            assert chain == b"198.51.100.1, 10.0.0.9, 127.0.0.1"  # the client's claims cut
             # The same client again is limited; another client behind the same proxy is not.
             assert status_of(await raw(port, get(b"/b", xff))) == 429
             other = b"X-Forwarded-For: 198.51.100.2"
@@ -337,3 +340,117 @@ async def test_trusted_proxy_supplies_the_client_address(
             nursery.cancel_scope.cancel()
     logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "proxycore.access"]
     assert [line["client"] for line in logged] == ["198.51.100.1", "198.51.100.1", "198.51.100.2"]
+
+
+async def test_method_override_and_client_ip_headers_never_pass() -> None:
+    sent = [
+        b"X-HTTP-Method: DELETE",
+        b"X-Method-Override: DELETE",
+        b"X-Client-IP: 6.6.6.6",
+        b"True-Client-IP: 6.6.6.6",
+        b"CF-Connecting-IP: 6.6.6.6",
+        b"X-Forwarded-Ssl: on",
+        b"X-Forwarded-Scheme: https",
+        b"X-Original-URI: /admin",
+        b"X-Forwarded-Uri: /admin",
+        b"X-Forwarded-Method: DELETE",
+    ]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            up = await RecordingUpstream().start(nursery)
+            route = Route("/", up.url, methods=("GET",))
+            port = await start(nursery, Config(routes=(route,), server=LOCAL))
+            assert status_of(await raw(port, get(b"/items/1", *sent))) == 200
+            nursery.cancel_scope.cancel()
+    headers = forwarded_headers(up)
+    names = {n for n, _ in headers}
+    assert not names & {line.partition(b":")[0].lower() for line in sent}
+    values = b"".join(v for _, v in headers)
+    for needle in (b"DELETE", b"6.6.6.6", b"/admin", b"https"):
+        assert needle not in values, needle
+
+
+# =========================================================================== hooks and framing
+
+
+async def test_on_response_head_cannot_change_framing() -> None:
+    """A hook editing Content-Length must not leave a half-read upstream connection in the
+    pool: the next client would get the rest of this client's response."""
+
+    async def on_response_head(
+        info: object, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        headers[:] = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+        headers.append((b"Content-Length", b"2"))
+        headers.append((b"Transfer-Encoding", b"chunked"))
+
+    async def upstream(stream: trio.SocketStream) -> None:
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            body = b"private data of " + head.split(b" ", 2)[1]
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            up_port = await start_raw_server(nursery, upstream)
+            config = Config(routes=(Route("/", f"http://127.0.0.1:{up_port}/"),), server=LOCAL)
+            port = await start(nursery, config, Hooks(on_response_head=on_response_head))
+            first = await raw(port, get(b"/alice"))
+            second = await raw(port, get(b"/bob"))
+            nursery.cancel_scope.cancel()
+    assert first.endswith(b"\r\n\r\nprivate data of /alice"), first
+    assert b"\r\nContent-Length: 22\r\n" in first
+    assert second.endswith(b"\r\n\r\nprivate data of /bob"), second
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_hook_answer_with_a_body_on_204_or_304_is_a_500(status: int) -> None:
+    async def on_request(request: Request) -> Response | None:
+        return Response(status, [], b"forged")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            up = await RecordingUpstream().start(nursery)
+            config = Config(routes=(Route("/", up.url),), server=LOCAL)
+            port = await start(nursery, config, Hooks(on_request=on_request))
+            reply = await raw(port, get(b"/x"))
+            nursery.cancel_scope.cancel()
+    assert status_of(reply) == 500 and b"forged" not in reply
+
+
+async def test_hook_answer_204_has_no_content_length() -> None:
+    async def on_request(request: Request) -> Response | None:
+        return Response(204, [], b"")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            up = await RecordingUpstream().start(nursery)
+            config = Config(routes=(Route("/", up.url),), server=LOCAL)
+            port = await start(nursery, config, Hooks(on_request=on_request))
+            reply = await raw(port, get(b"/x"))
+            nursery.cancel_scope.cancel()
+    assert status_of(reply) == 204 and b"content-length" not in reply.lower()
+
+
+async def test_refusals_are_logged_against_the_real_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxycore.access")
+    server = ServerSettings(listen=("127.0.0.1:0",), trusted_proxies=("127.0.0.0/8",))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            up = await RecordingUpstream().start(nursery)
+            port = await start(nursery, Config(routes=(Route("/", up.url),), server=server))
+            xff = b"X-Forwarded-For: 198.51.100.9"
+            assert status_of(await raw(port, get(b"/%00", xff))) == 400
+            nursery.cancel_scope.cancel()
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "proxycore.access"]
+    assert [line["client"] for line in logged] == ["198.51.100.9"]

@@ -68,7 +68,7 @@ LEGACY_ROUTE = {
 
 
 def test_module_is_pure() -> None:
-    """config.py (and its helpers) import neither trio nor h11.
+    """The config package (model, load, checks) imports neither trio nor h11.
 
     The package's ``__init__`` (which imports the server) is bypassed with a bare package
     module, and importing trio or h11 is made to fail.
@@ -81,7 +81,7 @@ def test_module_is_pure() -> None:
         "pkg = types.ModuleType('proxycore')\n"
         f"pkg.__path__ = [{str(package)!r}]\n"
         "sys.modules['proxycore'] = pkg\n"
-        "import proxycore.config.model as module\n"
+        "import proxycore.config as module\n"
         "module.Config(routes=(module.Route('/', 'http://h/'),))\n"
         "print('ok')\n"
     )

@@ -80,7 +80,8 @@ def test_trusted_peer_client_is_the_last_untrusted_hop() -> None:
     headers = [(b"X-Forwarded-For", b"6.6.6.6, 198.51.100.1"), (b"x-forwarded-for", b"10.1.1.1")]
     address = client_address("192.0.2.7", headers, NETS)
     assert address.ip == "198.51.100.1"  # 10.1.1.1 is a trusted hop; 6.6.6.6 is a claim
-    assert address.forwarded_for == b"6.6.6.6, 198.51.100.1, 10.1.1.1, 192.0.2.7"
+    # The client's own claims (left of the client) are not passed on.
+    assert address.forwarded_for == b"198.51.100.1, 10.1.1.1, 192.0.2.7"
 
 
 def test_trusted_chain_of_only_trusted_hops_and_garbage() -> None:
@@ -88,3 +89,23 @@ def test_trusted_chain_of_only_trusted_hops_and_garbage() -> None:
     assert client_address("10.0.0.1", [], NETS).ip == "10.0.0.1"
     garbage = [(b"X-Forwarded-For", b"1.2.3.4, nonsense, 10.0.0.3")]
     assert client_address("10.0.0.1", garbage, NETS).ip == "10.0.0.3"
+
+
+def test_only_the_exact_forwarded_for_name_is_read() -> None:
+    """A Go proxy (Caddy, Traefik) in front passes X_Forwarded_For through after the real
+    header: it must never be taken as the client."""
+    headers = [(b"X-Forwarded-For", b"203.0.113.7"), (b"X_Forwarded_For", b"6.6.6.6")]
+    assert client_address("10.0.0.1", headers, NETS).ip == "203.0.113.7"
+
+
+@pytest.mark.parametrize(
+    ("entry", "ip"),
+    [
+        (b"203.0.113.7:5555", "203.0.113.7"),
+        (b"[2001:db8::1]:443", "2001:db8::1"),
+        (b"[2001:db8::1]", "2001:db8::1"),
+        (b"2001:db8::1", "2001:db8::1"),
+    ],
+)
+def test_forwarded_for_entries_with_ports(entry: bytes, ip: str) -> None:
+    assert client_address("10.0.0.1", [(b"X-Forwarded-For", entry)], NETS).ip == ip

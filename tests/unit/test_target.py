@@ -208,6 +208,7 @@ POLICY = Policy(deny_paths=DENY, deny_git_push=True)
 @example(["internal;v=1", "x"])
 @example(["", "internal", "", "x"])
 @example(["v1", "adm%69n;p", "x"])
+@example(["v1", "secret", ""])
 def test_decisions_on_the_view_equal_the_upstreams_reading(segments: list[str]) -> None:
     target = ("/" + "/".join(segments)).encode()
     try:
@@ -225,7 +226,9 @@ def test_decisions_on_the_view_equal_the_upstreams_reading(segments: list[str]) 
     match = ROUTER.match(view)
     assert (match.route.prefix if match else None) == _reference_route(upstream_path)
     denied = POLICY.check(b"GET", view.path, b"") is not None
-    assert denied == any(fnmatch.fnmatchcase(upstream_path, p) for p in DENY)
+    # A pattern also covers its path with one trailing slash (Spring's trailing-slash match).
+    readings = {upstream_path, upstream_path[:-1] if upstream_path.endswith("/") else upstream_path}
+    assert denied == any(fnmatch.fnmatchcase(r, p) for r in readings for p in DENY)
     push = is_git_push(b"POST", view.path, b"")
     assert push == upstream_path.rstrip("/").endswith("/git-receive-pack")
     # What is forwarded reads, for the same upstream, exactly as the view.

@@ -1,0 +1,149 @@
+"""Everything decided before a byte goes upstream, the same for both front ends.
+
+The order is the one the native server has always used:
+
+1. :func:`request_view`: **the one view of the request**. The target is parsed
+   and normalized once (:func:`~proxycore.http.target.parse_target`), the head
+   is checked (:func:`~proxycore.http.request_head.check_head`: singleton
+   fields, ``Host``) and the client address is settled
+   (:func:`~proxycore.http.request_head.client_address`: ``trusted_proxies`` and
+   ``X-Forwarded-For``). Route, policy, forward auth, rate limits, hooks, the
+   access log and the forwarded target all read this view, never the raw target
+   or the peer address.
+2. :func:`expect_continue`: only ``Expect: 100-continue`` is supported (417).
+3. :func:`admit`: the route (404), the route's guard (inbound auth, policy,
+   rate limit, credential: 401/403/405/429/503) and ``max_body_bytes`` against
+   the declared body size (413).
+4. :func:`upstream_head`: the upstream request head, serialized once, and the
+   origin to send it to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..errors import ExpectationFailed, NoRoute, PayloadTooLarge
+from ..http.headers import (
+    FRAMING_FIELDS,
+    Framing,
+    Headers,
+    serialize_head,
+    upstream_request_headers,
+)
+from ..http.request_head import IPNetwork, check_head, client_address
+from ..http.router import Match
+from ..http.target import TargetView, parse_target
+from ..net.pool import Origin
+from ..proxy.hooks import Response
+from ..proxy.ledger import Ledger
+from ..proxy.state import Snapshot
+from ..security.admission import Admission
+
+__all__ = ["admit", "answer_head", "expect_continue", "request_view", "upstream_head"]
+
+#: Framing headers of a hook's answer: the proxy frames it itself.
+
+
+def request_view(
+    ledger: Ledger, target: bytes, headers: Headers, peer: str, trusted: Sequence[IPNetwork]
+) -> tuple[TargetView, bytes]:
+    """The one view of the request: ``(view, X-Forwarded-For value)``.
+
+    Records the decision path and the client address (``ledger.record.client``,
+    which every later decision uses). Raises :class:`~proxycore.errors.BadRequest`.
+    """
+    rec, info = ledger.record, ledger.info
+    # The client first (it cannot fail), so that a refusal below is logged against it.
+    address = client_address(peer, headers, trusted)
+    rec.client = info.client = address.ip
+    view = parse_target(target)
+    rec.path = info.path = view.path
+    check_head(headers)
+    return view, address.forwarded_for
+
+
+def expect_continue(headers: Headers) -> bool:
+    """Whether the client sent ``Expect: 100-continue``; any other expectation is a 417."""
+    values = [v.strip().lower() for n, v in headers if n.lower() == b"expect"]
+    if not values:
+        return False
+    if any(v != b"100-continue" for v in values):
+        raise ExpectationFailed("only 'Expect: 100-continue' is supported")
+    return True
+
+
+async def admit(
+    ledger: Ledger,
+    snapshot: Snapshot,
+    method: bytes,
+    view: TargetView,
+    headers: Headers,
+    declared: int,
+) -> tuple[Match, Admission, int | None]:
+    """Route and admit the request: ``(match, admission, max_body_bytes)``.
+
+    ``declared`` is the body size the request announced (Content-Length, or the
+    chunk sizes read so far). The admission's release is left with the ledger.
+    """
+    rec = ledger.record
+    match = snapshot.router.match(view)
+    if match is None:
+        raise NoRoute(f"no route for path {rec.path!r}")
+    route = ledger.route = match.route
+    rec.route = ledger.info.route = route.name
+    guard = snapshot.security.guard(route)
+    admission = await guard.admit(method, view, headers, rec.client)
+    ledger.release = admission.release
+    ledger.info.identity = admission.identity
+    limit = guard.max_body_bytes
+    if limit is not None and declared > limit:
+        raise PayloadTooLarge(f"request body larger than {limit} bytes")
+    return match, admission, limit
+
+
+def upstream_head(
+    ledger: Ledger,
+    match: Match,
+    query: bytes,
+    method: bytes,
+    headers: Headers,
+    *,
+    forwarded_for: bytes,
+    framing: Framing,
+    admission: Admission,
+    proto: bytes,
+) -> tuple[Origin, bytes]:
+    """The origin and the serialized upstream head.
+
+    Client headers are filtered by :func:`~proxycore.http.headers.upstream_request_headers`;
+    ``Host`` is the upstream's unless the route preserves the client's.
+    """
+    route = match.route
+    up = route.target
+    host = up.host_header.encode("ascii")
+    if route.preserve_host:
+        host = next((v for n, v in headers if n.lower() == b"host"), host)
+    out = upstream_request_headers(
+        headers,
+        host=host,
+        forwarded_for=forwarded_for,
+        request_id=ledger.request_id,
+        framing=framing,
+        identity_encoding=route.accept_encoding == "identity",
+        drop=admission.drop,
+        extra=admission.extra,
+        proto=proto,
+    )
+    start = b"%s %s%s HTTP/1.1\r\n" % (method, match.upstream_path, query)
+    return Origin(up.scheme, up.host, up.port, route.ca_file), serialize_head(start, out)
+
+
+def answer_head(answer: Response, request_id: bytes, *, close: bool) -> Headers:
+    """The headers of a hook's direct answer: its own minus framing, then the proxy's."""
+    headers = [(n, v) for n, v in answer.headers if n.lower() not in FRAMING_FIELDS]
+    if answer.status not in (204, 304):  # never a body, never a Content-Length of ours
+        headers.append((b"Content-Length", b"%d" % len(answer.body)))
+    headers.append((b"X-Request-ID", request_id))
+    if close:
+        headers.append((b"Connection", b"close"))
+    return headers

@@ -1,0 +1,389 @@
+"""The upstream half of one exchange: the core both front ends share.
+
+The native server (:mod:`proxycore.proxy.exchange`, raw sockets) and the ASGI
+app (:mod:`proxycore.proxy.asgi`, ``receive``/``send``) differ only in how the
+request body arrives and how the response leaves. They hand those two jobs to
+:class:`UpstreamCall` as a :class:`RequestBody` and a :class:`ResponseSink`;
+everything else happens here, once:
+
+1. Connect: a pooled connection, or a new one within the ``connect`` timeout
+   (errors name the route, never the address). A pooled connection that turns
+   out dead before any response byte is retried once on a *new* connection,
+   for idempotent requests without a body
+   (:func:`~proxycore.net.pool.with_stale_retry`).
+2. The whole exchange runs under the route's ``total`` deadline (no scope at
+   all when there is none).
+3. The head (with the body bytes in hand) goes in one write; then one nursery
+   holds the response side (this task) and, started lazily, the body side:
+   the rest of the request body, then a watch that cancels the exchange when
+   the downstream goes away. The body side starts at once only when it has
+   work (a body still coming), when the front end can't watch cheaply
+   (``RequestBody.eager``) or over TLS (a TLS read must not be cancelled); else
+   when the response head is slower than :data:`FAST_WAIT_S`, or when a body
+   is pumped. A task costs more than a small exchange (~110 us).
+4. The response head (:class:`~proxycore.http.response_head.ResponseHeadReader`,
+   ``response`` timeout from the end of the request body), the
+   ``on_response_head`` hook, the framing, the SSE headers; then the sink
+   relays the response.
+5. **The reuse decision**: the connection goes back to the pool only if the
+   head allows it (HTTP/1.1, no ``Connection: close``, not close-delimited), the
+   sink ended the body cleanly with nothing left over, and the whole request
+   body went upstream. Anything else closes it.
+
+A failure of the body side is recorded and cancels the nursery; it wins over
+the response side's error. Only :class:`~proxycore.errors.ProxyError` leaves
+:meth:`UpstreamCall.forward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Final, NamedTuple, Protocol
+
+import h11
+import trio
+
+from ..config import ServerSettings, Timeouts
+from ..errors import (
+    ClientGone,
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamReset,
+    UpstreamTimeout,
+    connect_reason,
+    public_reason,
+)
+from ..http.headers import (
+    FRAMING_FIELDS,
+    Framing,
+    Headers,
+    add_sse_headers,
+    is_sse,
+    response_framing,
+    upstream_reusable,
+)
+from ..http.response_head import ResponseHeadReader
+from ..net.pool import (
+    Origin,
+    Pool,
+    StaleConnection,
+    UpstreamConnection,
+    open_connection,
+    with_stale_retry,
+)
+from ..net.stream import CHUNK, Stream, StreamBroken, TLSStream
+from ..proxy.ledger import Ledger
+
+__all__ = [
+    "FAST_WAIT_S",
+    "RequestBody",
+    "ResponseHead",
+    "ResponseSink",
+    "UpstreamCall",
+]
+
+#: How long a response head may take before the downstream is watched by a task.
+FAST_WAIT_S: Final = 0.005
+
+
+class RequestBody(Protocol):
+    """Where the rest of the request body comes from (native: the client socket;
+    ASGI: ``receive()``)."""
+
+    #: The whole body went upstream (in the head's write, or pumped since).
+    done: bool
+    #: Start the body side with the exchange, even with no body left to pump.
+    eager: bool
+
+    async def send_rest(self, up: Stream, idle: float) -> bool:
+        """Pump the rest of the body to ``up``: True (and :attr:`done` set) once all of
+        it went, False if the upstream stopped reading (its response decides).
+
+        Raises :class:`~proxycore.errors.ProxyError` for a downstream failure (gone,
+        stalled for ``idle``, malformed, too large).
+        """
+        ...
+
+    async def wait_gone(self) -> bool:
+        """After the body: True once the downstream went away; False as soon as that
+        can no longer be told, or no longer matters."""
+        ...
+
+
+class ResponseHead(NamedTuple):
+    """The upstream's final response head, after the ``on_response_head`` hook."""
+
+    status: int
+    reason: bytes
+    headers: Headers
+    framing: Framing
+    #: What the head allows: HTTP/1.1, no ``Connection: close``, not close-delimited.
+    reusable: bool
+    #: Body bytes read with the head.
+    trailing: bytes
+    #: An event stream (``text/event-stream`` with a body); the SSE headers were added.
+    sse: bool
+
+
+class ResponseSink(Protocol):
+    """Where the response goes (native: the client socket; ASGI: ``send()``)."""
+
+    #: The buffer the response head is read into (then reused by the body relay).
+    buf: bytearray
+
+    async def send_continue(self) -> None:
+        """The request head went upstream: answer the client's ``Expect: 100-continue``."""
+        ...
+
+    async def interim(self, event: h11.InformationalResponse) -> None:
+        """Relay a 1xx response (not 101) where the downstream can take one."""
+        ...
+
+    async def respond(self, head: ResponseHead, up: UpstreamConnection, call: UpstreamCall) -> bool:
+        """Send the head and relay the body. True if the body ended cleanly with nothing
+        read past it (the connection may be reused as far as the body goes).
+
+        Calls ``call.watch_downstream()`` before waiting on a body. Raises
+        :class:`~proxycore.errors.ProxyError`.
+        """
+        ...
+
+
+class UpstreamCall:
+    """One request sent upstream and its response relayed (see the module docstring).
+
+    Made once per exchange by the front end; :meth:`forward` may run the exchange
+    twice (a stale pooled connection), each time with a fresh nursery.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_expect",
+        "_head",
+        "_nursery",
+        "_open",
+        "_response_scope",
+        "_watching",
+        "body",
+        "ledger",
+        "method",
+        "pool",
+        "server",
+        "side_error",
+        "sink",
+        "timeouts",
+    )
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        pool: Pool,
+        body: RequestBody,
+        sink: ResponseSink,
+        *,
+        method: bytes,
+        timeouts: Timeouts,
+        server: ServerSettings,
+        connect: Callable[[Origin], Awaitable[UpstreamConnection]] = open_connection,
+    ) -> None:
+        """``connect`` opens a new upstream connection (tests script one)."""
+        self.ledger, self.pool, self.body, self.sink = ledger, pool, body, sink
+        self._open = connect
+        self.method, self.timeouts, self.server = method, timeouts, server
+        #: A failure of the body side (it cancelled the exchange).
+        self.side_error: ProxyError | None = None
+        self._head = b""
+        self._expect = False
+        self._conn: UpstreamConnection | None = None
+        self._nursery: trio.Nursery | None = None
+        self._watching = False
+        self._response_scope: trio.CancelScope | None = None
+
+    async def forward(
+        self, origin: Origin, head: bytes, *, retry: bool, expect_continue: bool = False
+    ) -> None:
+        """Send ``head`` (the serialized head plus the body bytes in hand) to ``origin``
+        and relay the response. ``retry``: the request may go again on a new connection
+        if a pooled one was stale. Raises :class:`~proxycore.errors.ProxyError`."""
+        self._head, self._expect = head, expect_continue
+        total = self.timeouts.total
+        scope = None
+        try:
+            if not total:  # no scope at all (~17 us each): most routes have no total
+                await with_stale_retry(
+                    self.pool, origin, self._attempt, connect=self._connect, retry=retry
+                )
+            else:
+                with trio.CancelScope(deadline=self.ledger.record.started + total) as scope:
+                    await with_stale_retry(
+                        self.pool, origin, self._attempt, connect=self._connect, retry=retry
+                    )
+        except StaleConnection:
+            raise UpstreamReset("upstream closed the connection") from None
+        if scope is not None and scope.cancelled_caught:
+            raise UpstreamTimeout(
+                f"exchange exceeded the total timeout of route {self.ledger.record.route!r} "
+                f"({total:g} s)"
+            )
+
+    @property
+    def _where(self) -> str:
+        """The upstream as errors name it to the client: by route, never by address."""
+        return f"the upstream of route {self.ledger.record.route!r}"
+
+    async def _connect(self, origin: Origin) -> UpstreamConnection:
+        """A new connection within the ``connect`` timeout (502 on failure)."""
+        host, port = origin.host, origin.port
+        with trio.move_on_after(self.timeouts.connect):
+            try:
+                return await self._open(origin)
+            except OSError as exc:
+                raise UpstreamConnectError(
+                    f"cannot connect to {self._where}: {connect_reason(exc)}",
+                    detail=f"{host}:{port}: {exc.strerror or exc}",
+                ) from None
+            except StreamBroken as exc:
+                raise UpstreamConnectError(
+                    f"{self._where}: {public_reason(str(exc))}", detail=f"{host}:{port}: {exc}"
+                ) from None
+        raise UpstreamConnectTimeout(
+            f"connecting to {self._where} timed out", detail=f"{host}:{port}: connect timed out"
+        )
+
+    async def _attempt(self, conn: UpstreamConnection) -> None:
+        """One exchange on ``conn``; raises StaleConnection (only if ``conn.uses``) before
+        any response byte. Checks ``conn`` back in or closes it."""
+        pool, body = self.pool, self.body
+        reusable = False
+        pool.mark_busy(conn.origin)
+        try:
+            try:
+                await conn.stream.send_all(self._head)
+            except StreamBroken:
+                if conn.uses:
+                    raise StaleConnection from None
+                raise UpstreamReset("upstream closed the connection") from None
+            if self._expect:
+                await self.sink.send_continue()
+            main_error: ProxyError | StaleConnection | None = None
+            async with trio.open_nursery() as nursery:
+                self._nursery, self._conn, self._watching = nursery, conn, False
+                if not body.done or body.eager or isinstance(conn.stream, TLSStream):
+                    self.watch_downstream()
+                try:
+                    head = await self._response_head(conn)
+                    reusable = await self.sink.respond(head, conn, self) and head.reusable
+                except (ProxyError, StaleConnection) as exc:
+                    # Kept out of the nursery: it would wrap it in an ExceptionGroup.
+                    main_error = exc
+                finally:
+                    self._nursery = None
+                    nursery.cancel_scope.cancel()
+            if self.side_error is not None:
+                raise self.side_error
+            if main_error is not None:
+                raise main_error
+        finally:
+            pool.mark_free(conn.origin)
+            if reusable and body.done:
+                pool.checkin(conn)
+            else:
+                conn.close()
+
+    # -- the body side -------------------------------------------------------
+
+    def watch_downstream(self) -> None:
+        """Start the body side (rest of the request body, then the downstream watch)
+        if it is not running yet. Idempotent; a no-op outside an attempt."""
+        nursery = self._nursery
+        if nursery is not None and not self._watching:
+            self._watching = True
+            nursery.start_soon(self._body_side)
+
+    async def _body_side(self) -> None:
+        body = self.body
+        try:
+            if not body.done:
+                assert self._conn is not None
+                if await body.send_rest(self._conn.stream, self.timeouts.idle):
+                    self._start_response_timer()
+            gone = await body.wait_gone()
+        except ProxyError as exc:
+            self.abort(exc)
+            return
+        if gone:
+            self.abort(ClientGone("client went away"))
+
+    def abort(self, exc: ProxyError) -> None:
+        """Fail the exchange with ``exc`` from outside the response side."""
+        self.side_error = exc
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # -- the response head ---------------------------------------------------
+
+    def _start_response_timer(self) -> None:
+        """The wait for the head starts once the request is complete: a slow upload is the
+        downstream's (``idle`` bounds it), not the upstream's."""
+        scope = self._response_scope
+        if scope is not None and self.body.done:
+            scope.deadline = trio.current_time() + self.timeouts.response
+
+    async def _recv_soon(self, stream: Stream, buf: bytearray) -> int:
+        """Read, starting the downstream watch if nothing came within ``FAST_WAIT_S``."""
+        with trio.move_on_after(FAST_WAIT_S):
+            return await stream.recv_into(buf, CHUNK)
+        self.watch_downstream()
+        return await stream.recv_into(buf, CHUNK)
+
+    async def _response_head(self, conn: UpstreamConnection) -> ResponseHead:
+        """Read the final response head (relaying 1xx on the way, ``response`` timeout),
+        run ``on_response_head``, then decide framing, reuse and the SSE headers."""
+        server, rec, buf = self.server, self.ledger.record, self.sink.buf
+        reader = ResponseHeadReader(self.method, server.max_header_bytes, server.max_header_count)
+        response: h11.Response | None = None
+        with trio.CancelScope() as self._response_scope:
+            self._start_response_timer()
+            while response is None:
+                event = reader.next_event()
+                if event is None:
+                    try:
+                        if self._watching:
+                            n = await conn.stream.recv_into(buf, CHUNK)
+                        else:
+                            n = await self._recv_soon(conn.stream, buf)
+                    except StreamBroken:
+                        n = 0
+                    if not n:
+                        if not reader.received and conn.uses:
+                            raise StaleConnection
+                        raise UpstreamReset("upstream closed the connection before responding")
+                    if not reader.received:
+                        rec.ttfb = trio.current_time() - rec.started
+                    reader.feed(bytes(buf[:n]))
+                elif isinstance(event, h11.InformationalResponse):
+                    await self.sink.interim(event)
+                else:
+                    response = event
+        self._response_scope = None
+        if response is None:
+            wait_s = self.timeouts.response
+            raise UpstreamTimeout(f"no response head from {self._where} within {wait_s:g} s")
+        status = response.status_code
+        headers: Headers = list(response.headers.raw_items())
+        # Framing and reuse are the upstream's: decided before the hook, and the hook's
+        # changes to the framing fields are undone (else a hook editing Content-Length
+        # would put a half-read connection back in the pool for the next client).
+        framing = response_framing(self.method, status, headers)
+        reusable = upstream_reusable(response.http_version, headers, framing)
+        if self.ledger.hooks.on_response_head is not None:
+            kept = [(n, v) for n, v in headers if n.lower() in FRAMING_FIELDS]
+            await self.ledger.on_response_head(status, headers)
+            headers[:] = [(n, v) for n, v in headers if n.lower() not in FRAMING_FIELDS] + kept
+        sse = framing.kind != "none" and is_sse(headers)
+        if sse:
+            add_sse_headers(headers)
+        return ResponseHead(
+            status, response.reason, headers, framing, reusable, reader.trailing, sse
+        )

@@ -1,0 +1,478 @@
+"""The WebSocket upgrade's values and its two handshakes (``websocket.py`` has the entry
+point, the session relay and ``open_upstream``, the connector used in production).
+
+The exchange hands an upgrade a frozen :class:`UpgradeRequest` (the head after hooks,
+request id, route match, admission, timeouts, the client connection and the bytes to
+replay) and the access record it lends, and gets an :class:`UpgradeResult` back (whether a
+response went out, whether the connection must linger). Nothing else of the caller is
+read or written here.
+
+:class:`Handshake` holds one upgrade's handshakes: the client's head is checked
+(:func:`check_client`), parsed by trio-websocket's server side from a stream that replays
+it (:class:`ClientStream`), then the upstream handshake runs within the route's
+``connect`` timeout. Its 101 makes the client's 101. A refusal is relayed as a plain
+response (:meth:`Handshake.relay_refusal`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, NamedTuple, Protocol, cast
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    WebSocketRequest,
+    wrap_client_stream,
+    wrap_server_stream,
+)
+
+from ..config import Route, Timeouts
+from ..errors import (
+    BadRequest,
+    ClientGone,
+    DownstreamError,
+    UpstreamConnectTimeout,
+    UpstreamProtocolError,
+    UpstreamReset,
+)
+from ..http.headers import (
+    HOP_BY_HOP,
+    NO_BODY,
+    Framing,
+    Headers,
+    downstream_response_headers,
+    reason_phrase,
+    serialize_head,
+    upstream_request_headers,
+)
+from ..http.router import Match
+from ..net.stream import RawStream, StreamBroken
+from ..observe.accesslog import ExchangeRecord
+from ..security.admission import Admission
+
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "GOING_AWAY",
+    "RECV_BYTES",
+    "WS_HANDSHAKE",
+    "ClientStream",
+    "Connector",
+    "DrainSignal",
+    "Handshake",
+    "ResponseHeadHook",
+    "UpgradeRequest",
+    "UpgradeRequired",
+    "UpgradeResult",
+    "UpstreamSocket",
+    "check_client",
+    "close_ws",
+]
+
+log: Final = logging.getLogger("proxycore.websocket")
+
+#: How long each closing handshake may take before the connection is cut.
+CLOSE_TIMEOUT_S: Final = 5.0
+#: Socket read size, both sides (4 KiB halves throughput: wsproto's cost is per read).
+RECV_BYTES: Final = 65536
+#: Handshake headers trio-websocket makes itself: client copies never go upstream.
+WS_HANDSHAKE: Final = frozenset(
+    b"sec-websocket-" + n for n in (b"key", b"version", b"extensions", b"protocol", b"accept")
+)
+_NOT_IN_101: Final = WS_HANDSHAKE | HOP_BY_HOP | {b"content-length", b"x-request-id"}
+GOING_AWAY: Final = 1001
+
+#: Runs ``on_response_head`` on an upstream head (the hook may change ``headers`` in
+#: place); raises a ``ProxyError`` (500) if the hook failed or set an invalid header.
+ResponseHeadHook = Callable[[int, Headers], Awaitable[None]]
+
+
+class DrainSignal(Protocol):
+    """The server's graceful-shutdown signal (``ProxyState`` is one)."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def idle_waits(self) -> set[trio.CancelScope]:
+        """Scopes cancelled when draining starts (a session registers its timer)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeRequest:
+    """What a WebSocket upgrade reads: fixed when the exchange hands the request over."""
+
+    #: The request target as received (checked for what wsproto decodes).
+    target: bytes
+    #: The client's headers after ``on_request`` (read, never changed).
+    headers: Headers
+    http_11: bool
+    #: Bytes past the head, or a body still to come: a handshake must have none.
+    has_body: bool
+    request_id: bytes
+    #: The ``X-Forwarded-For`` value for the upstream handshake.
+    forwarded_for: bytes
+    match: Match
+    query: bytes
+    admission: Admission
+    #: The route's timeouts (``connect`` bounds the upstream handshake, ``idle`` the session).
+    timeouts: Timeouts
+    #: The client connection: the connection's ``RawStream`` (its socket object is used,
+    #: never a second one), or any trio stream (tests). The upgrade may close it.
+    client: RawStream | trio.abc.Stream
+    #: The bytes already read from the client (the raw head and anything after it).
+    replay: bytes
+    drain: DrainSignal
+    response_head: ResponseHeadHook | None = None
+
+    @property
+    def route(self) -> Route:
+        return self.match.route
+
+    @property
+    def resource(self) -> bytes:
+        """The upstream path and query of the handshake."""
+        return self.match.upstream_path + self.query
+
+    @property
+    def where(self) -> str:
+        """The upstream as errors name it to the client: by route, never by address."""
+        return f"the upstream of route {self.route.name!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeResult:
+    """What an upgrade tells the exchange; the lent record has the rest (status, bytes)."""
+
+    #: A response went to the client: the 101 (then a session), or the upstream's refusal.
+    head_sent: bool
+    #: The client connection is still open and must be closed lingering (the refusal was
+    #: sent, or trio-websocket left the socket open after the session).
+    linger: bool
+
+
+class UpstreamSocket(NamedTuple):
+    stream: trio.abc.Stream
+    #: Closes the connection at once (no TLS close_notify); idempotent, never blocks.
+    close: Callable[[], None]
+
+
+#: Opens the upstream connection for an upgrade (``websocket.open_upstream``; tests
+#: script one). Raises ``UpstreamConnectError`` when it can't.
+Connector = Callable[[UpgradeRequest], Awaitable[UpstreamSocket]]
+
+
+class UpgradeRequired(DownstreamError):
+    status = 426
+    type = "upgrade_required"
+
+
+def check_client(up: UpgradeRequest) -> list[str]:
+    """Refuse what trio-websocket's server side would; the offered subprotocols."""
+    if not up.http_11:
+        raise BadRequest("WebSocket needs HTTP/1.1")
+    if up.has_body:
+        raise BadRequest("a WebSocket handshake must not have a body")
+    values: dict[bytes, list[bytes]] = {}
+    for name, value in up.headers:
+        values.setdefault(name.lower(), []).append(value)
+    if values.get(b"sec-websocket-version", [b""])[-1].strip() != b"13":
+        raise UpgradeRequired(
+            "only WebSocket version 13 is supported",
+            headers=[(b"Sec-WebSocket-Version", b"13")],
+        )
+    if not values.get(b"sec-websocket-key"):
+        raise BadRequest("missing Sec-WebSocket-Key")
+    protocols = b",".join(values.get(b"sec-websocket-protocol", []))
+    try:  # what wsproto decodes (the Host is sent upstream, so ASCII too)
+        for value in (up.target, protocols, *values.get(b"host", [])):
+            value.decode("ascii")
+        b",".join(values.get(b"sec-websocket-extensions", [])).decode("ascii")
+        for host in values.get(b"host", []):
+            host.decode("idna")
+    except UnicodeError:
+        raise BadRequest("invalid bytes in the WebSocket handshake") from None
+    return [s for s in (p.decode().strip() for p in protocols.split(b",")) if s]
+
+
+def _closed_or_broken(sock_fileno: int) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    return trio.ClosedResourceError() if sock_fileno == -1 else trio.BrokenResourceError()
+
+
+class _RawTrioStream(trio.abc.Stream):
+    """A connection's :class:`RawStream` as a trio stream, for trio-websocket.
+
+    The same socket object (one owner of the descriptor: closed by ``RawStream.close``).
+    Reads take up to ``RECV_BYTES`` with ``recv`` (no 4 KiB buffer), writes go through
+    ``RawStream.send_all``; both are checkpoints as trio's ``SocketStream`` calls are.
+    """
+
+    def __init__(self, raw: RawStream) -> None:
+        self._raw = raw
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        sock, size = self._raw.sock, max_bytes or RECV_BYTES
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while True:
+            try:
+                data = sock.recv(size)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError as exc:
+                raise _closed_or_broken(sock.fileno()) from exc
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            await self._raw.send_all(data)
+        except StreamBroken as exc:
+            raise _closed_or_broken(self._raw.sock.fileno()) from exc
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self._raw.sock)
+
+    async def aclose(self) -> None:
+        self._raw.close()
+        await trio.lowlevel.checkpoint()
+
+
+class ClientStream(trio.abc.Stream):
+    """The client connection as trio-websocket reads it: first the bytes the proxy already
+    read (in one piece: wsproto's h11 refuses a partial head over 16 KiB), then the
+    connection. ``closed``: trio-websocket closed it."""
+
+    def __init__(self, client: RawStream | trio.abc.Stream, replay: bytes) -> None:
+        self._stream = _RawTrioStream(client) if isinstance(client, RawStream) else client
+        self._replay = replay
+        self.closed = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._replay:
+            await trio.lowlevel.checkpoint()
+            data, self._replay = self._replay, b""
+            return data
+        return await self._stream.receive_some(max_bytes or RECV_BYTES)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self._stream.aclose()
+
+
+async def close_ws(ws: WebSocketConnection, code: int, reason: str) -> None:
+    """Closing handshake, bounded; a no-op on a side that is already closed."""
+    with trio.move_on_after(CLOSE_TIMEOUT_S):
+        await ws.aclose(code, reason or None)
+
+
+class _Reader:
+    """Passed to trio-websocket as the nursery for a connection's reader task.
+
+    trio-websocket lets the reader's exceptions escape into that nursery (a refused
+    upstream handshake raises ``ConnectionRejected`` there; a malformed 101 an h11/wsproto
+    error). Here the exception is kept instead, and ``watch`` (a scope waiting on a
+    handshake) is cancelled when the reader ends, so a peer that quits mid-handshake is
+    seen at once.
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.error: Exception | None = None
+        self.done = False
+        self.watch: trio.CancelScope | None = None
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        self._nursery.start_soon(self._run, fn, *args)
+
+    async def _run(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        try:
+            await fn(*args)
+        except Exception as exc:
+            self.error = exc
+            if self.watch is None:
+                log.warning("WebSocket reader failed: %s", type(exc).__name__)
+        finally:
+            self.done = True
+            if self.watch is not None:
+                self.watch.cancel()
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        return cast("trio.Nursery", self)  # trio-websocket only calls start_soon on it
+
+
+class Handshake:
+    """One upgrade's two handshakes. ``open`` runs them; then, with the readers' nursery
+    gone, ``close`` (always) and ``relay_refusal`` (if the upstream refused).
+
+    Writes only the lent ``record``: upstream, ttfb, status and outcome.
+    """
+
+    def __init__(self, up: UpgradeRequest, record: ExchangeRecord, connect: Connector) -> None:
+        self.up, self.record, self._connect = up, record, connect
+        self.client = ClientStream(up.client, up.replay)
+        self.upstream: UpstreamSocket | None = None
+        #: The upstream's refusal, to relay once the readers are gone.
+        self.rejected: ConnectionRejected | None = None
+        #: The client got its 101.
+        self.accepted = False
+
+    async def open(
+        self, readers: trio.Nursery, subprotocols: list[str]
+    ) -> tuple[WebSocketConnection, WebSocketConnection] | None:
+        """Both handshakes, the upstream's first: (client, upstream) connections after the
+        client's 101, or None (refused: ``rejected``; or the client went away). Raises
+        :class:`ProxyError` only before anything was sent to the client."""
+        rec = self.record
+        client_reader, upstream_reader = _Reader(readers), _Reader(readers)
+        request: WebSocketRequest | None = None
+        with trio.CancelScope() as client_reader.watch:
+            request = await wrap_server_stream(
+                client_reader.nursery,
+                self.client,
+                message_queue_size=1,
+                max_message_size=self.up.route.ws.max_message_bytes,
+                receive_buffer_size=None,  # the replay in one piece, then RECV_BYTES
+            )
+        if request is None:  # trio-websocket refused the head (check_client should have)
+            raise BadRequest("malformed WebSocket handshake")
+        upstream_ws = await self.connect_upstream(upstream_reader, client_reader, subprotocols)
+        rec.ttfb = trio.current_time() - rec.started
+        if upstream_ws is None:
+            return None
+        reply = await self.reply_headers(upstream_ws)
+        try:
+            client_ws = await request.accept(
+                subprotocol=upstream_ws.subprotocol, extra_headers=reply
+            )
+        except ConnectionClosed:
+            rec.status, rec.outcome = ClientGone.status, ClientGone.outcome
+            await close_ws(upstream_ws, GOING_AWAY, "client went away")
+            return None
+        self.accepted = True
+        rec.status = 101
+        return client_ws, upstream_ws
+
+    def close(self) -> bool:
+        """Close the upstream connection; True if the client's must linger: after a 101,
+        trio-websocket left it open (the client's close came first, or it stopped reading
+        after a too-big message), so the connection closes it, lingering."""
+        if self.upstream is not None:
+            self.upstream.close()
+        return self.accepted and not self.client.closed
+
+    def upstream_headers(self, host: bytes) -> Headers:
+        """The headers an HTTP request would get upstream (X-Forwarded-*, X-Request-ID,
+        identity, injected credential); never the client's handshake headers."""
+        up = self.up
+        return upstream_request_headers(
+            up.headers,
+            host=host,
+            forwarded_for=up.forwarded_for,
+            request_id=up.request_id,
+            framing=NO_BODY,
+            identity_encoding=False,
+            drop=up.admission.drop | WS_HANDSHAKE,
+            extra=up.admission.extra,
+        )
+
+    async def connect_upstream(
+        self, reader: _Reader, client: _Reader, subprotocols: list[str]
+    ) -> WebSocketConnection | None:
+        """The upstream connection after its 101; None if it refused (``self.rejected``)."""
+        up, target = self.up, self.up.route.target
+        host = target.host_header.encode("ascii")
+        if up.route.preserve_host:
+            host = next((v for n, v in up.headers if n.lower() == b"host"), host)
+        headers = self.upstream_headers(host)
+        ws: WebSocketConnection | None = None
+        with trio.move_on_after(up.timeouts.connect) as timer:
+            self.upstream = await self._connect(up)
+            with trio.CancelScope() as scope:
+                reader.watch = client.watch = scope  # either reader ending stops the wait
+                ws = await wrap_client_stream(
+                    reader.nursery,
+                    cast("trio.SocketStream", self.upstream.stream),  # any trio stream works
+                    host.decode("ascii"),  # trio-websocket sends Host itself
+                    up.resource.decode("ascii"),
+                    subprotocols=subprotocols,
+                    extra_headers=[(n, v) for n, v in headers if n.lower() != b"host"],
+                    message_queue_size=1,
+                    max_message_size=up.route.ws.max_message_bytes,
+                    receive_buffer_size=RECV_BYTES,
+                )
+            reader.watch = client.watch = None
+        if ws is not None:
+            return ws
+        where, address = up.where, f"{target.host}:{target.port}"
+        if timer.cancelled_caught:
+            raise UpstreamConnectTimeout(
+                f"WebSocket handshake with {where} timed out",
+                detail=f"{address}: WebSocket handshake timed out",
+            )
+        if not reader.done:
+            raise ClientGone("client went away during the WebSocket handshake")
+        if isinstance(reader.error, ConnectionRejected):
+            self.rejected = reader.error
+            return None
+        if reader.error is not None:
+            raise UpstreamProtocolError(
+                f"invalid WebSocket handshake response from {where}",
+                detail=f"{address}: {type(reader.error).__name__}",
+            )
+        raise UpstreamReset(
+            f"{where} closed the connection during the WebSocket handshake",
+            detail=f"{address}: closed during the WebSocket handshake",
+        )
+
+    async def reply_headers(self, upstream: WebSocketConnection) -> Headers:
+        """Headers of the upstream's 101 worth passing on (Set-Cookie...), plus X-Request-ID.
+
+        ``on_response_head`` sees (and may change) them first, as any response head."""
+        headers: Headers = list(upstream.handshake_headers)
+        if self.up.response_head is not None:
+            await self.up.response_head(101, headers)
+        out = [(n, v) for n, v in headers if n.lower() not in _NOT_IN_101]
+        return [*out, (b"X-Request-ID", self.up.request_id)]
+
+    async def relay_refusal(self) -> None:
+        """The upstream's refusal as a plain response (after ``on_response_head``); the
+        connection then closes. Raises :class:`ProxyError` (a hook's 500) before sending."""
+        assert self.rejected is not None
+        up, rec = self.up, self.record
+        status, body = self.rejected.status_code, self.rejected.body or b""
+        framing = Framing("length", len(body))
+        if status < 200 or status in (204, 304):
+            body, framing = b"", NO_BODY
+        up_headers: Headers = list(self.rejected.headers)
+        if up.response_head is not None:
+            await up.response_head(status, up_headers)
+        headers = downstream_response_headers(
+            up_headers,
+            request_id=up.request_id,
+            framing=framing,
+            keep_length=False,
+            close=True,
+        )
+        head = serialize_head(b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)), headers)
+        rec.status, rec.outcome, rec.bytes_out = status, "websocket_refused", len(body)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.client.send_all(head + body)

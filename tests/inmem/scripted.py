@@ -1,0 +1,188 @@
+"""``ScriptedStream``: a :class:`proxycore.net.stream.Stream` that replays a script.
+
+Modelled on httpcore's ``AsyncMockStream``. A test scripts what the peer
+sends and inspects what the code under test wrote; no socket is involved, so
+``autojump_clock`` is safe with it.
+
+Reads replay the script, one item per read:
+
+- ``bytes``: returned (at most ``nbytes`` per read; the rest stays at the head,
+  so one scripted chunk larger than the read size takes several reads);
+  an empty ``b""`` is skipped;
+- :data:`EOF`: the read returns 0 (the peer closed); later items still follow;
+- ``Pause(seconds)``: sleeps ``seconds`` (on the trio clock), then goes on with
+  the next item: a silent peer for a while;
+- an exception instance (usually ``StreamBroken("reset")``): raised by the read.
+
+When the script is exhausted, a read waits (a live peer with nothing to say)
+until :meth:`ScriptedStream.feed` adds items or the read is cancelled. So a
+script that should end the body with the peer closing must end with ``EOF``.
+
+Writes are recorded in :attr:`ScriptedStream.writes` (one ``bytes`` per
+``send_all``, with its trio time in :attr:`ScriptedStream.write_times`);
+:attr:`ScriptedStream.written` joins them. ``break_after=n``
+makes writes fail with ``StreamBroken`` once ``n`` bytes were accepted (the
+failing write records its first bytes up to ``n``). ``block_writes()`` makes
+every ``send_all`` wait (a sink that does not drain) until
+``unblock_writes()``.
+
+Both directions checkpoint like the real streams do, and raise
+``StreamBroken`` after :meth:`ScriptedStream.close`.
+
+Example::
+
+    src = ScriptedStream([b"HTTP/1.1 200 OK\\r\\n", b"Content-Length: 2\\r\\n\\r\\nhi", EOF])
+    dst = ScriptedStream()
+    ...
+    assert dst.written == b"hi"
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final, Literal, TypeAlias
+
+import trio
+
+from proxycore.net.stream import Buffer, StreamBroken
+
+__all__ = ["EOF", "Pause", "ScriptItem", "ScriptedStream", "trickle"]
+
+
+class _Marker(enum.Enum):
+    EOF = "EOF"
+
+
+#: Script item: the peer closes (one read returns 0).
+EOF: Final = _Marker.EOF
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Script item: the peer is silent for ``seconds`` (trio clock), then goes on."""
+
+    seconds: float
+
+
+ScriptItem: TypeAlias = bytes | Literal[_Marker.EOF] | Pause | BaseException
+
+
+def trickle(data: bytes, size: int = 1) -> list[ScriptItem]:
+    """``data`` as script items of ``size`` bytes each (one read per item)."""
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+class ScriptedStream:
+    """A scripted peer behind the ``Stream`` interface (see the module docstring).
+
+    Attributes:
+        writes: every ``send_all`` payload, in order (bytes accepted only).
+        write_times: ``trio.current_time()`` of each entry of ``writes``.
+        reads: how many ``recv_into`` calls started (for backpressure asserts).
+        closed: ``close()`` was called.
+    """
+
+    def __init__(
+        self, script: Iterable[ScriptItem] = (), *, break_after: int | None = None
+    ) -> None:
+        self._script: deque[ScriptItem] = deque(script)
+        self._fed = trio.Event()
+        self._write_gate: trio.Event | None = None
+        self._break_after = break_after
+        self._nwritten = 0
+        self.writes: list[bytes] = []
+        self.write_times: list[float] = []
+        self.reads = 0
+        self.closed = False
+
+    # -- test side ---------------------------------------------------------
+
+    def feed(self, *items: ScriptItem) -> None:
+        """Append items to the script (wakes a read waiting at its end)."""
+        self._script.extend(items)
+        self._fed.set()
+
+    @property
+    def written(self) -> bytes:
+        """All bytes written so far."""
+        return b"".join(self.writes)
+
+    @property
+    def script_left(self) -> list[ScriptItem]:
+        """The items not read yet (a partly read chunk shows its rest)."""
+        return list(self._script)
+
+    def block_writes(self) -> None:
+        """From now on ``send_all`` waits (nothing recorded) until :meth:`unblock_writes`."""
+        if self._write_gate is None:
+            self._write_gate = trio.Event()
+
+    def unblock_writes(self) -> None:
+        if self._write_gate is not None:
+            self._write_gate.set()
+            self._write_gate = None
+
+    # -- the Stream interface ----------------------------------------------
+
+    async def recv_into(self, buf: bytearray, nbytes: int) -> int:
+        self.reads += 1
+        await trio.lowlevel.checkpoint()
+        while True:
+            if self.closed:
+                raise StreamBroken("EBADF")
+            if not self._script:
+                self._fed = trio.Event()
+                await self._fed.wait()
+                continue
+            item = self._script.popleft()
+            if item is EOF:
+                return 0
+            if isinstance(item, Pause):
+                await trio.sleep(item.seconds)
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            if not item:
+                continue
+            n = min(nbytes, len(item))
+            buf[:n] = item[:n]
+            if n < len(item):
+                self._script.appendleft(item[n:])
+            return n
+
+    async def send_all(self, data: Buffer) -> None:
+        await trio.lowlevel.checkpoint()
+        while self._write_gate is not None:
+            await self._write_gate.wait()
+        if self.closed:
+            raise StreamBroken("EBADF")
+        chunk = bytes(data)
+        if self._break_after is not None:
+            room = self._break_after - self._nwritten
+            if len(chunk) > room:
+                if room > 0:
+                    self._record(chunk[:room])
+                raise StreamBroken("EPIPE")
+        self._record(chunk)
+
+    def _record(self, chunk: bytes) -> None:
+        self.writes.append(chunk)
+        self.write_times.append(trio.current_time())
+        self._nwritten += len(chunk)
+
+    def has_pending_input(self) -> bool:
+        """True if closed, or if the next item is data, EOF or an error (not a Pause)."""
+        if self.closed:
+            return True
+        for item in self._script:
+            if item != b"":
+                return not isinstance(item, Pause)
+        return False
+
+    def close(self) -> None:
+        """Close; a read waiting at the script's end wakes and raises ``StreamBroken``."""
+        self.closed = True
+        self._fed.set()
