@@ -163,8 +163,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..ops.runner import pid_file
+    from ..ops.process import sighup_held
 
+    with sighup_held():  # until the handler is installed (a SIGHUP now would end the process)
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, access=not args.no_access_log)
     try:
         config = load_config(args)
@@ -177,8 +182,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if workers != 1 and not worker:
         from ..ops.supervisor import supervise
 
-        with pid_file(args.pid_file):
-            return supervise(args, config, workers)
+        return supervise(args, config, workers)
     source = args.config or args.routes
     adjust: Callable[[Config], Config] | None = None
     if args.listen is not None and not worker:
@@ -200,8 +204,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = adjust(config)
     try:
         server = Server(config, reuse_port=worker, adjust=adjust)
-        with pid_file(args.pid_file):
-            trio.run(_run_process, server, source, args.report_fd)
+        trio.run(_run_process, server, source, args.report_fd, args.pid_file)
     except (ConfigError, SecretError) as exc:
         print(f"proxycore: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -211,18 +214,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_process(server: Server, source: str | None, report_fd: int | None) -> None:
+async def _run_process(
+    server: Server, source: str | None, report_fd: int | None, pid_path: str | None
+) -> None:
     from ..ops.runner import run_server
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_server, server, source)
+        await nursery.start(run_server, server, source, pid_path)
         if report_fd is not None:  # tell the supervisor we are serving, and where our admin is
             os.write(report_fd, json.dumps({"admin": server.admin_address}).encode() + b"\n")
             os.close(report_fd)
 
 
 def _cmd_reload(args: argparse.Namespace) -> int:
-    from ..ops.runner import read_pid_file
+    from ..ops.process import read_pid_file
 
     try:
         pid = read_pid_file(args.pid_file)

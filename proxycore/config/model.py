@@ -54,17 +54,22 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Upstream timeouts in seconds: connect, response head, idle gap between body reads and the
-    whole exchange (``total = 0`` means no limit)."""
+    """Timeouts in seconds: connect, response head, idle gap between body reads, the whole
+    exchange (``total = 0`` means no limit), ``send``: longest one write to either side may
+    wait without the peer accepting a byte, and ``client_body``: longest silence between two
+    reads of a request body. ``send`` and ``client_body`` must be ``> 0``: every wait has a
+    bound (a very large value is the way to mean "practically none")."""
 
     connect: float = 10.0
     response: float = 3600.0
     idle: float = 3600.0
     total: float = 0.0
+    send: float = 60.0
+    client_body: float = 60.0
 
     def __post_init__(self) -> None:
         p = Problems()
-        for name in ("connect", "response", "idle"):
+        for name in ("connect", "response", "idle", "send", "client_body"):
             number(p, self, name, zero_ok=False)
         number(p, self, "total", zero_ok=True)
         p.check()

@@ -35,6 +35,7 @@ __all__ = [
     "response_framing",
     "serialize_head",
     "upstream_reusable",
+    "without_h2c_offer",
 ]
 
 #: The one header-list alias: ``(name, value)`` byte pairs in wire order.
@@ -118,6 +119,34 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
             tokens.update(t.strip().lower() for t in value.split(b","))
     tokens.discard(b"")
     return frozenset(tokens)
+
+
+def without_h2c_offer(headers: Headers) -> Headers | None:
+    """The request without its cleartext HTTP/2 upgrade offer, or None if it has none.
+
+    An offer is an ``Upgrade`` naming only ``h2c`` (what ``curl --http2`` sends over
+    cleartext). Dropped: the ``Upgrade`` and ``HTTP2-Settings`` fields and the ``upgrade``
+    and ``http2-settings`` tokens of ``Connection`` (an emptied ``Connection`` goes too),
+    so the request is served as HTTP/1.1, as nginx does. Any other upgrade: None.
+    """
+    offers = [
+        t.strip().lower() for n, v in headers if n.lower() == b"upgrade" for t in v.split(b",")
+    ]
+    if b"h2c" not in offers or any(t != b"h2c" for t in offers if t):
+        return None
+    kept: Headers = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in (b"upgrade", b"http2-settings"):
+            continue
+        if lname == b"connection":
+            tokens = [t.strip() for t in value.split(b",")]
+            rest = [t for t in tokens if t and t.lower() not in (b"upgrade", b"http2-settings")]
+            if not rest:
+                continue
+            value = b", ".join(rest)
+        kept.append((name, value))
+    return kept
 
 
 def _values(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> list[bytes]:

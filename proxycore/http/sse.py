@@ -2,18 +2,21 @@
 the pieces the SSE features use. Pure module: no trio.
 
 The parser sees the decoded body as it passes (any split: 4 KiB reads, chunk
-boundaries, one byte at a time) and never holds back or changes a byte; the
-proxy forwards first and parses after. It keeps at most ``max_bytes`` of event
-data for a transcript (then records ``truncated`` and only counts), and it
-knows whether the stream is at an event boundary, the only place a heartbeat
-or an error event may be inserted.
+boundaries, one byte at a time) and never changes a byte. It keeps at most
+``max_bytes`` for a transcript (every byte it keeps counts: data, event type,
+id and retry; then it records ``truncated`` and only counts), and it knows
+whether the stream is at an event boundary (:attr:`SSEParser.at_boundary`) and
+how many of the bytes fed since the last boundary belong to an unfinished event
+(:attr:`SSEParser.tail`): the relay holds those back, so a heartbeat or an
+error event only ever follows complete events.
 
 Rules (https://html.spec.whatwg.org/multipage/server-sent-events.html):
 lines end in CRLF, LF or CR; a leading UTF-8 BOM is skipped; ``:`` starts a
 comment; ``data`` appends to the data buffer (joined with LF), ``event`` sets
 the type, ``id`` the last event id (ignored if it contains NUL), ``retry``
-digits only; a blank line dispatches the event if the data buffer is not
-empty; a stream that ends mid-event does not dispatch it.
+ASCII digits only (a value over :data:`RETRY_MAX_DIGITS` significant digits is
+ignored as absurd, never an error); a blank line dispatches the event if the
+data buffer is not empty; a stream that ends mid-event does not dispatch it.
 """
 
 from __future__ import annotations
@@ -22,10 +25,20 @@ import json
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["BOM", "HEARTBEAT", "SSEEvent", "SSEParser", "error_event", "is_event_stream"]
+__all__ = [
+    "BOM",
+    "HEARTBEAT",
+    "RETRY_MAX_DIGITS",
+    "SSEEvent",
+    "SSEParser",
+    "error_event",
+    "is_event_stream",
+]
 
 BOM: Final = b"\xef\xbb\xbf"
 HEARTBEAT: Final = b": keep-alive\n\n"
+#: A ``retry`` value with more digits (over ~115 days in ms) is ignored as absurd.
+RETRY_MAX_DIGITS: Final = 10
 
 
 @dataclass(slots=True)
@@ -54,6 +67,8 @@ class SSEParser:
     truncated: bool = False
     last_id: str | None = None
     _kept_bytes: int = 0
+    _tail: int = 0
+    _id_size: int = 0
     _line: bytearray = field(default_factory=bytearray)
     _data: list[bytes] = field(default_factory=list)
     _data_len: int = 0
@@ -71,6 +86,13 @@ class SSEParser:
         """True between events: nothing of an event has been seen since the last one."""
         return not self._line and not self._pending
 
+    @property
+    def tail(self) -> int:
+        """How many of the last bytes fed belong to an event not finished yet (0 at a
+        boundary): the bytes fed since the parser was last between events, counted as
+        fed (a skipped BOM included). Comment lines between events are not a tail."""
+        return self._tail
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[SSEEvent]:
         """Parse more body bytes; return the events they completed (in order)."""
         chunk = bytes(data)
@@ -79,6 +101,7 @@ class SSEParser:
                 bytes(self._line) + chunk
             ):
                 self._line += chunk  # maybe the start of a BOM: wait for more
+                self._tail += len(chunk)
                 return []
             chunk = bytes(self._line) + chunk
             self._line.clear()
@@ -90,6 +113,8 @@ class SSEParser:
         if self._after_cr and pos < end and chunk[0] == 0x0A:
             pos = 1  # the LF of a CRLF split across reads
         self._after_cr = False
+        # The last position in ``chunk`` where the parser was between events (-1: none).
+        mark = pos if self.at_boundary else -1
         while pos < end:
             cr = chunk.find(b"\r", pos)
             lf = chunk.find(b"\n", pos)
@@ -108,6 +133,10 @@ class SSEParser:
             event = self._line_done()
             if event is not None:
                 done.append(event)
+            if not self._pending:
+                mark = pos
+        # Bytes after the mark all came in this call (a carried BOM prefix is before it).
+        self._tail = end - mark if mark >= 0 else self._tail + len(data)
         return done
 
     def _append(self, chunk: bytes, start: int, stop: int) -> None:
@@ -149,8 +178,10 @@ class SSEParser:
         elif name == b"id":
             if b"\0" not in value:
                 self._id = value
-        elif name == b"retry" and value.isdigit():
-            self._retry = int(value)
+        elif name == b"retry" and value.isdigit():  # bytes.isdigit: ASCII digits only
+            digits = value.lstrip(b"0")
+            if len(digits) <= RETRY_MAX_DIGITS:  # int() of 4,300+ digits would raise
+                self._retry = int(digits or b"0")
         return None
 
     def _dispatch(self) -> SSEEvent | None:
@@ -161,6 +192,7 @@ class SSEParser:
         retry, self._retry = self._retry, None
         if self._id is not None:
             self.last_id = self._id.decode("utf-8", "replace")
+            self._id_size = len(self._id)
             self._id = None
         if not pending or not seen:
             return None
@@ -171,7 +203,11 @@ class SSEParser:
             retry=retry,
         )
         self.count += 1
-        size = len(event.data) + len(event.type)
+        # Every byte a kept event holds counts (as received): data, type, id (each event
+        # carries the last id), retry.
+        size = len(data) + sum(map(len, data)) + len(etype or b"message") + self._id_size
+        if retry is not None:
+            size += RETRY_MAX_DIGITS
         if not self.truncated and self._kept_bytes + size <= self.max_bytes:
             self._kept_bytes += size
             self.events.append(event)

@@ -2,9 +2,14 @@
 
 :func:`bind_listener` returns a non-blocking stdlib socket (``SO_REUSEADDR``; ``SO_REUSEPORT``
 for worker processes sharing a port; IPv6 sockets are v6-only). :func:`accept` waits for the
-next connection; errors that mean "out of resources for now" (file descriptors, buffers,
-memory) or "that client is already gone" are logged and retried after a short pause instead of
-ending the listener.
+next connection. Only an error that means the listening socket itself is unusable (``EBADF``,
+``ENOTSOCK``, ``EINVAL``, ``EFAULT``) ends it; every other ``accept()`` error is skipped and
+reported to the caller's ``on_error`` (the server counts and logs them):
+
+- errors of that one connection (a firewall's ``EPERM``, ``ECONNABORTED``, ``ETIMEDOUT``, the
+  network errors Linux passes on from the new socket: trio's list) are skipped at once;
+- "out of resources for now" (file descriptors, buffers, memory) and any errno not known here
+  are skipped after a short pause, so that a lasting condition can't spin the loop.
 """
 
 from __future__ import annotations
@@ -12,21 +17,58 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final, Protocol
 
 import trio
 
-__all__ = ["BACKLOG", "accept", "bind_listener"]
+__all__ = ["ACCEPT_RETRY_S", "BACKLOG", "Acceptor", "accept", "bind_listener", "errno_name"]
 
 #: Logged under the server's name: operators filter on "proxycore.server" for listener trouble.
 log: Final = logging.getLogger("proxycore.server")
 
 BACKLOG: Final = 1024
-#: Seconds to wait after a retryable accept error (out of descriptors, buffers or memory).
+#: Seconds to wait after a resource error (out of descriptors, buffers or memory) or an unknown one.
 ACCEPT_RETRY_S: Final = 0.05
-_ACCEPT_RETRY: Final = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED, errno.EPROTO}
+
+
+def _errnos(*names: str) -> frozenset[int]:
+    return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
+
+
+#: The listening socket is unusable (closed, not a socket, not listening): nothing to retry.
+_ACCEPT_FATAL: Final = _errnos("EBADF", "ENOTSOCK", "EINVAL", "EFAULT")
+#: That one connection failed (or a firewall refused it): skip it, accept the next at once.
+_ACCEPT_SKIP: Final = _errnos(
+    "EPERM",
+    "ECONNABORTED",
+    "ECONNRESET",
+    "EPROTO",
+    "ENETDOWN",
+    "ENOPROTOOPT",
+    "EHOSTDOWN",
+    "ENONET",
+    "EHOSTUNREACH",
+    "EOPNOTSUPP",
+    "ENETUNREACH",
+    "ENOSR",
+    "ESOCKTNOSUPPORT",
+    "EPROTONOSUPPORT",
+    "ETIMEDOUT",
 )
+
+
+class Acceptor(Protocol):
+    """What :func:`accept` needs of a listening socket (a ``socket.socket``; a fake in tests)."""
+
+    def accept(self) -> tuple[socket.socket, Any]: ...
+
+    def fileno(self) -> int: ...
+
+
+def errno_name(number: int | None) -> str:
+    """``"EPERM"`` for ``errno.EPERM``; the number as text when unknown."""
+    return errno.errorcode.get(number or 0, str(number))
 
 
 def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -51,11 +93,14 @@ def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.s
     return sock
 
 
-async def accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
+async def accept(
+    listener: Acceptor, on_error: Callable[[int], None] | None = None
+) -> tuple[socket.socket, tuple[str, int]]:
     """The next connection on ``listener`` and the peer address.
 
-    A checkpoint only when it has to wait. Retryable errors (see the module docstring) are
-    logged and retried; any other ``OSError`` is raised.
+    A checkpoint only when it has to wait. A skipped error (see the module docstring) is passed
+    to ``on_error`` (its errno; 0 when it has none), or logged when there is no ``on_error``;
+    an error that means the listener is unusable is raised.
     """
     while True:
         try:
@@ -64,9 +109,16 @@ async def accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int
             await trio.lowlevel.wait_readable(listener)
             continue
         except OSError as exc:
-            if exc.errno not in _ACCEPT_RETRY:
+            number = exc.errno or 0
+            if number in _ACCEPT_FATAL:
                 raise
-            log.warning("accept failed (%s); retrying", errno.errorcode.get(exc.errno or 0))
-            await trio.sleep(ACCEPT_RETRY_S)
+            if on_error is None:
+                log.warning("accept failed (%s); skipped", errno_name(number))
+            else:
+                on_error(number)
+            if number in _ACCEPT_SKIP:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.sleep(ACCEPT_RETRY_S)
             continue
         return sock, addr

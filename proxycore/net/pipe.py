@@ -10,18 +10,22 @@ Invariants (the reason this module exists):
 - Framing that can be passed through is (Content-Length bodies, chunked to a
   chunked sink); the chunked scanner validates it on the way.
 - ``idle`` bounds the silence between two reads (or a write that cannot
-  proceed): a cancel scope whose deadline moves after every chunk.
+  proceed): a cancel scope whose deadline moves after every chunk. Expiring
+  during a write is the sink's failure (:class:`SinkFailed`), not the source's
+  silence. Each write is also bounded by the sink stream's own ``send_timeout``
+  (a :class:`~proxycore.net.stream.SendTimeout` is a :class:`SinkFailed`).
 
 Each pump raises :class:`SourceFailed` (read error, or the source ended
 before the body did), :class:`SinkFailed` (write error), :class:`FramingError`
 (malformed chunked framing) or :class:`IdleTimeout`. The exchange maps those
 to the side-specific proxy errors. They return the number of bytes written; a
-failure carries the number written before it in ``moved``.
+failure carries the number written before it in ``moved`` (the part of a failed
+write that left is in the sink's ``Stream.bytes_sent``).
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, NoReturn
 
 import trio
 
@@ -97,24 +101,35 @@ async def _recv(src: Stream, buf: bytearray, nbytes: int) -> int:
         raise SourceFailed(str(exc)) from None
 
 
+def _expired(idle: float, writing: bool) -> NoReturn:
+    """The pump's ``idle`` scope expired: a silent source, or a sink that stopped taking
+    bytes (a write stall is the sink's failure, whichever timer saw it first)."""
+    if writing:
+        raise SinkFailed(f"write stalled for {idle:g} s")
+    raise IdleTimeout(f"no body bytes for {idle:g} s")
+
+
 async def pump_length(src: Stream, dst: Stream, buf: bytearray, remaining: int, idle: float) -> int:
     """Copy exactly ``remaining`` bytes (a Content-Length body's rest), in reads of
     at most ``len(buf)`` bytes (see :func:`bulk_buffer`)."""
     view = memoryview(buf)
     size = len(buf)
     moved = 0
+    writing = False
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
             while remaining:
                 n = await _recv(src, buf, size if remaining > size else remaining)
                 if not n:
                     raise SourceFailed(f"body ended {remaining} bytes early")
+                writing = True
                 await _send(dst, view[:n])
+                writing = False
                 remaining -= n
                 moved += n
                 scope.deadline = trio.current_time() + idle
         if scope.cancelled_caught:
-            raise IdleTimeout(f"no body bytes for {idle:g} s")
+            _expired(idle, writing)
     except PipeError as exc:
         exc.moved = moved
         raise
@@ -143,6 +158,7 @@ async def pump_chunked(
     view = memoryview(buf)
     moved = 0
     leftover = b""
+    writing = False
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
             while not scanner.done:
@@ -156,19 +172,23 @@ async def pump_chunked(
                 if max_payload is not None and scanner.declared_bytes > max_payload:
                     raise BodyTooLarge(f"body larger than {max_payload} bytes")
                 if not drop_trailers:
+                    writing = True
                     await _send(dst, view[:end])
+                    writing = False
                     moved += end
                 else:
                     keep = scanner.trailer_start
                     out = b"".join((view[:keep], b"\r\n")) if scanner.done else view[:keep]
                     if out:
+                        writing = True
                         await _send(dst, out)
+                        writing = False
                         moved += len(out)
                 if end < n:
                     leftover = bytes(buf[end:n])
                 scope.deadline = trio.current_time() + idle
         if scope.cancelled_caught:
-            raise IdleTimeout(f"no body bytes for {idle:g} s")
+            _expired(idle, writing)
     except PipeError as exc:
         exc.moved = moved
         raise
@@ -183,6 +203,7 @@ async def pump_chunked_decoded(
     moved = 0
     leftover = b""
     spans: list[tuple[int, int]] = []
+    writing = False
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
             while not scanner.done:
@@ -195,13 +216,15 @@ async def pump_chunked_decoded(
                 except ChunkedError as exc:
                     raise FramingError(str(exc)) from None
                 for s, e in spans:
+                    writing = True
                     await _send(dst, view[s:e])
+                    writing = False
                     moved += e - s
                 if end < n:
                     leftover = bytes(buf[end:n])
                 scope.deadline = trio.current_time() + idle
         if scope.cancelled_caught:
-            raise IdleTimeout(f"no body bytes for {idle:g} s")
+            _expired(idle, writing)
     except PipeError as exc:
         exc.moved = moved
         raise
@@ -218,6 +241,7 @@ async def pump_until_close(
     """
     view = memoryview(buf)
     moved = 0
+    writing = False
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
             while True:
@@ -226,14 +250,18 @@ async def pump_until_close(
                     break
                 if chunk_encode:
                     frame = b"".join((encode_chunk_header(n), view[:n], b"\r\n"))
+                    writing = True
                     await _send(dst, frame)
+                    writing = False
                     moved += len(frame)
                 else:
+                    writing = True
                     await _send(dst, view[:n])
+                    writing = False
                     moved += n
                 scope.deadline = trio.current_time() + idle
         if scope.cancelled_caught:
-            raise IdleTimeout(f"no body bytes for {idle:g} s")
+            _expired(idle, writing)
         if chunk_encode:
             await _send(dst, LAST_CHUNK)
             moved += len(LAST_CHUNK)

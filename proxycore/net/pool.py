@@ -22,8 +22,8 @@ from typing import NamedTuple, TypeVar
 import trio
 
 from ..config import PoolSettings
-from ..net.stream import RawStream, Stream, TLSStream, connect_tcp
-from ..net.tls import start_tls
+from ..net.stream import RawStream, Stream, connect_tcp
+from ..net.tls import open_tls_stream
 
 __all__ = [
     "Origin",
@@ -69,8 +69,7 @@ async def open_connection(origin: Origin) -> UpstreamConnection:
     sock = await connect_tcp(host, port)
     if scheme == "http":
         return UpstreamConnection(origin, RawStream(sock))
-    ssl_stream = await start_tls(sock, host, ca_file)
-    return UpstreamConnection(origin, TLSStream(ssl_stream, sock))
+    return UpstreamConnection(origin, await open_tls_stream(sock, host, ca_file))
 
 
 class Pool:

@@ -8,7 +8,7 @@ profile showed to be most of the CPU per SSE event (see
 reused: that is safe because every chunk is written before the next read.
 
 ``TLSStream`` wraps ``trio.SSLStream`` behind the same interface for https
-upstreams.
+upstreams; the ``SSLStream`` runs over a :class:`RawTransport` (a ``RawStream``).
 
 Fairness: a run of reads that never blocks would never yield to trio, so a
 stream checkpoints explicitly after ``_YIELD_EVERY`` reads in a row that did
@@ -17,6 +17,18 @@ waits for readability first instead of paying for a failing ``recv``.
 
 Errors: every transport failure is raised as :class:`StreamBroken`, so the
 callers map one exception per side to the right proxy error.
+
+Cut writes: a ``send_all`` that failed, timed out, or was cancelled after some of
+its bytes left marks the stream :attr:`~Stream.write_cut`: the peer may hold a
+partial write (half a chunk, half a head), so any later byte would be misframed.
+Every later ``send_all`` on a cut stream raises :class:`StreamBroken` at once;
+its owner closes the connection and never reuses it.
+
+Send timeout: :attr:`RawStream.send_timeout` (``[timeouts] send``) bounds how long
+one write may wait without the peer accepting a byte. The timer is armed only
+when the socket would block (inside the ``wait_writable`` loop), so a write that
+completes at once costs nothing extra. On expiry :class:`SendTimeout` (a
+:class:`StreamBroken`) is raised and the stream is cut.
 """
 
 from __future__ import annotations
@@ -29,11 +41,24 @@ from typing import Final, Protocol
 
 import trio
 
-__all__ = ["CHUNK", "RawStream", "Stream", "StreamBroken", "TLSStream", "connect_tcp"]
+__all__ = [
+    "CHUNK",
+    "NO_SEND_TIMEOUT",
+    "RawStream",
+    "RawTransport",
+    "SendTimeout",
+    "Stream",
+    "StreamBroken",
+    "TLSStream",
+    "connect_tcp",
+]
 
 #: The read size: one read takes at most this many bytes into a caller-owned buffer
 #: (connection buffers, body pumps, head readers). The only definition in the package.
 CHUNK: Final = 4 * 1024
+
+#: ``send_timeout`` value for "no bound" (the default of a bare stream).
+NO_SEND_TIMEOUT: Final = float("inf")
 
 _YIELD_EVERY: Final = 16
 _POLL_IN: Final = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
@@ -45,12 +70,39 @@ class StreamBroken(Exception):
     """The peer reset the connection, or a read or write failed."""
 
 
+class SendTimeout(StreamBroken):
+    """A write could not proceed for the stream's ``send_timeout`` (the peer stopped
+    reading); the stream is cut."""
+
+
+_CUT: Final = "write cut: an earlier write was interrupted"
+
+
 class Stream(Protocol):
+    #: Longest one ``send_all`` may wait without the peer accepting a byte, in seconds
+    #: (:data:`NO_SEND_TIMEOUT`: no bound); then :class:`SendTimeout`, and the stream is cut.
+    send_timeout: float
+
     async def recv_into(self, buf: bytearray, nbytes: int) -> int:
         """Read at most ``nbytes`` into ``buf[:nbytes]``; 0 means end of stream."""
         ...
 
-    async def send_all(self, data: Buffer) -> None: ...
+    async def send_all(self, data: Buffer) -> None:
+        """Write all of ``data``. Raises :class:`StreamBroken` (at once if
+        :attr:`write_cut`); a failure or cancellation after some bytes left cuts."""
+        ...
+
+    @property
+    def write_cut(self) -> bool:
+        """An earlier write was interrupted after some of its bytes left (or failed): no
+        further byte may follow on this connection; close it."""
+        ...
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written so far, the part of a failed or cancelled write that left
+        included (the access line's count holds whatever ends an exchange)."""
+        ...
 
     def has_pending_input(self) -> bool:
         """True if the peer sent data or closed (an idle connection that did is dead)."""
@@ -64,15 +116,24 @@ class Stream(Protocol):
 class RawStream:
     """A plain TCP stream over a non-blocking stdlib socket."""
 
-    __slots__ = ("_drained", "_run", "sock")
+    __slots__ = ("_cut", "_drained", "_run", "bytes_sent", "send_timeout", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, send_timeout: float = NO_SEND_TIMEOUT) -> None:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
+        #: Longest a write may wait for the peer to accept a byte (seconds; see module).
+        self.send_timeout = send_timeout
+        self._cut = False
+        #: See :attr:`Stream.bytes_sent`.
+        self.bytes_sent = 0
         self._drained = False
         self._run = 0
+
+    @property
+    def write_cut(self) -> bool:
+        return self._cut
 
     async def recv_into(self, buf: bytearray, nbytes: int) -> int:
         sock = self.sock
@@ -97,17 +158,42 @@ class RawStream:
         return n
 
     async def send_all(self, data: Buffer) -> None:
+        if self._cut:
+            raise StreamBroken(_CUT)
         sock = self.sock
         view = memoryview(data)
         total = len(view)
         sent = 0
-        while sent < total:
-            try:
-                sent += sock.send(view[sent:] if sent else view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
-            except OSError as exc:
-                raise StreamBroken(_describe(exc)) from None
+        try:
+            while sent < total:
+                try:
+                    sent += sock.send(view[sent:] if sent else view)
+                except BlockingIOError:
+                    await self._wait_writable()
+                except OSError as exc:
+                    self._cut = True
+                    raise StreamBroken(_describe(exc)) from None
+        except BaseException:
+            # Cancelled (or failed) with part of ``data`` on the wire: the peer holds a
+            # partial write; nothing may follow it.
+            if sent:
+                self._cut = True
+                self.bytes_sent += sent
+            raise
+        self.bytes_sent += total
+
+    async def _wait_writable(self) -> None:
+        """Wait until the socket takes bytes, at most ``send_timeout`` (only now is a
+        timer armed: a write that never blocks pays nothing for the bound)."""
+        timeout = self.send_timeout
+        if timeout == NO_SEND_TIMEOUT:
+            await trio.lowlevel.wait_writable(self.sock)
+            return
+        with trio.move_on_after(timeout) as scope:
+            await trio.lowlevel.wait_writable(self.sock)
+        if scope.cancelled_caught:
+            self._cut = True
+            raise SendTimeout(f"peer accepted no bytes for {timeout:g} s")
 
     def has_pending_input(self) -> bool:
         return _poll_readable(self.sock)
@@ -131,37 +217,117 @@ class RawStream:
             self.sock.close()
 
 
+class RawTransport(trio.abc.Stream):
+    """A trio stream over a :class:`RawStream`: the transport under ``trio.SSLStream``.
+
+    So TLS writes go through ``RawStream.send_all`` (its send timeout, armed only when the
+    socket would block) and reads skip trio's ``SocketStream`` layers. Errors are
+    :class:`StreamBroken` (``SSLStream`` passes a transport's exceptions through).
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: RawStream) -> None:
+        self.raw = raw
+
+    async def send_all(self, data: Buffer) -> None:
+        await self.raw.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self.raw.sock)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raw = self.raw
+        sock = raw.sock
+        while True:
+            try:
+                data = sock.recv(max_bytes or _TLS_READ)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                raw._run = 0
+                continue
+            except OSError as exc:
+                raise StreamBroken(_describe(exc)) from None
+            break
+        raw._run += 1
+        if raw._run >= _YIELD_EVERY:
+            raw._run = 0
+            await trio.lowlevel.checkpoint()
+        return data
+
+    async def aclose(self) -> None:
+        self.raw.close()
+        await trio.lowlevel.checkpoint()
+
+
+#: What the TLS transport reads when ``SSLStream`` names no size.
+_TLS_READ: Final = 16 * 1024
+
+
 class TLSStream:
-    """A TLS client stream (``trio.SSLStream``) behind the :class:`Stream` interface."""
+    """A TLS client stream (``trio.SSLStream`` over a :class:`RawTransport`) behind the
+    :class:`Stream` interface.
 
-    __slots__ = ("_raw", "_ssl")
+    The ``SSLStream`` is made with ``https_compatible=False``: an upstream that closes
+    without ``close_notify`` makes the read that sees it raise :class:`StreamBroken`
+    (a truncation, not an end). Only a close-delimited body ends on a read of EOF; every
+    other framing knows its end before it (keep-alive framing is unaffected). Any failed
+    or cancelled write cuts the stream (what left is unknown).
+    """
 
-    def __init__(self, ssl_stream: trio.SSLStream[trio.SocketStream], raw: socket.socket) -> None:
+    __slots__ = ("_cut", "_raw", "_ssl", "bytes_sent")
+
+    def __init__(self, ssl_stream: trio.SSLStream[RawTransport], raw: RawStream) -> None:
         self._ssl = ssl_stream
         self._raw = raw
+        self._cut = False
+        #: Plaintext bytes of the writes that completed (what left of a cut one is unknown).
+        self.bytes_sent = 0
+
+    @property
+    def send_timeout(self) -> float:
+        """The transport's send timeout (see :attr:`RawStream.send_timeout`)."""
+        return self._raw.send_timeout
+
+    @send_timeout.setter
+    def send_timeout(self, value: float) -> None:
+        self._raw.send_timeout = value
+
+    @property
+    def write_cut(self) -> bool:
+        return self._cut
 
     async def recv_into(self, buf: bytearray, nbytes: int) -> int:
         try:
             data = await self._ssl.receive_some(nbytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except trio.BrokenResourceError as exc:
+            if isinstance(exc.__cause__, ssl.SSLEOFError):
+                raise StreamBroken("TLS: closed without close_notify (truncated)") from None
+            raise StreamBroken(_describe(exc)) from None
+        except (trio.ClosedResourceError, OSError) as exc:
             raise StreamBroken(_describe(exc)) from None
         n = len(data)
         buf[:n] = data
         return n
 
     async def send_all(self, data: Buffer) -> None:
+        if self._cut:
+            raise StreamBroken(_CUT)
         try:
             await self._ssl.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._cut = True
             raise StreamBroken(_describe(exc)) from None
+        except BaseException:
+            self._cut = True
+            raise
+        self.bytes_sent += len(data)
 
     def has_pending_input(self) -> bool:
-        return _poll_readable(self._raw)
+        return _poll_readable(self._raw.sock)
 
     def close(self) -> None:
-        if self._raw.fileno() != -1:
-            trio.lowlevel.notify_closing(self._raw)
-            self._raw.close()
+        self._raw.close()
 
 
 def _poll_readable(sock: socket.socket) -> bool:

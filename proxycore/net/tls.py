@@ -1,7 +1,8 @@
 """TLS to upstreams: one client context per CA file, one handshake path.
 
-Every upstream TLS connection (the pool's ``https`` connections, ``wss://`` WebSocket
-upstreams) is made by :func:`start_tls`: SNI and hostname check for the upstream's host,
+Every upstream TLS connection (the pool's ``https`` connections through
+:func:`open_tls_stream`, ``wss://`` WebSocket upstreams through :func:`start_tls`) is made
+by one handshake: SNI and hostname check for the upstream's host,
 the route's ``ca_file`` (else the system store), ALPN ``http/1.1``. A failed handshake is
 one error, :class:`TLSHandshakeFailed` (a :class:`~proxycore.net.stream.StreamBroken`),
 whose message is ``"TLS handshake failed: <reason>"``. The reason is the verifier's
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import socket
 import ssl
+from typing import TypeVar
 
 import trio
 
-from ..net.stream import StreamBroken
+from ..net.stream import RawStream, RawTransport, StreamBroken, TLSStream
 
-__all__ = ["TLSHandshakeFailed", "start_tls", "tls_context"]
+__all__ = ["TLSHandshakeFailed", "open_tls_stream", "start_tls", "tls_context"]
 
 
 class TLSHandshakeFailed(StreamBroken):
@@ -46,20 +48,58 @@ def tls_context(ca_file: str | None) -> ssl.SSLContext:
 
 
 async def start_tls(
-    sock: socket.socket, server_hostname: str, ca_file: str | None
-) -> trio.SSLStream[trio.SocketStream]:
-    """Handshake on a connected socket; the TLS stream over it.
+    sock: socket.socket,
+    server_hostname: str,
+    ca_file: str | None,
+    *,
+    transport: trio.abc.Stream | None = None,
+) -> trio.SSLStream[trio.abc.Stream]:
+    """Handshake on a connected socket; the TLS stream over it (WebSocket upstreams:
+    ``https_compatible``, trio-websocket reads the end of a session itself).
 
-    A checkpoint; the caller's cancel scope carries the timeout. On any failure,
-    cancellation included, ``sock`` is closed. Raises :class:`TLSHandshakeFailed`.
+    ``transport``: the trio stream over ``sock`` to run TLS on (default: a
+    ``trio.SocketStream``). A checkpoint; the caller's cancel scope carries the timeout.
+    On any failure, cancellation included, ``sock`` is closed. Raises
+    :class:`TLSHandshakeFailed`.
     """
+    sock.setblocking(False)
+    if transport is None:
+        transport = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    return await _handshake(sock, transport, server_hostname, ca_file, https_compatible=True)
+
+
+async def open_tls_stream(
+    sock: socket.socket, server_hostname: str, ca_file: str | None
+) -> TLSStream:
+    """Handshake on a connected socket; the pool's :class:`TLSStream` over it.
+
+    Over a :class:`RawTransport` (writes bounded by the stream's send timeout) and strict
+    about the end: an upstream closing without ``close_notify`` is a truncation (see
+    :class:`TLSStream`). Same failures as :func:`start_tls`.
+    """
+    raw = RawStream(sock)
+    transport = RawTransport(raw)
+    tls = await _handshake(sock, transport, server_hostname, ca_file, https_compatible=False)
+    return TLSStream(tls, raw)
+
+
+_T = TypeVar("_T", bound=trio.abc.Stream)
+
+
+async def _handshake(
+    sock: socket.socket,
+    transport: _T,
+    server_hostname: str,
+    ca_file: str | None,
+    *,
+    https_compatible: bool,
+) -> trio.SSLStream[_T]:
     try:
-        sock.setblocking(False)
         tls = trio.SSLStream(
-            trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+            transport,
             tls_context(ca_file),
             server_hostname=server_hostname,
-            https_compatible=True,
+            https_compatible=https_compatible,
         )
         await tls.do_handshake()
     except BaseException as exc:
@@ -70,5 +110,7 @@ async def start_tls(
             cause = exc.__cause__
             reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
             raise TLSHandshakeFailed(str(reason or type(cause).__name__)) from None
+        if isinstance(exc, StreamBroken):  # the RawTransport's own failure (reset...)
+            raise TLSHandshakeFailed(str(exc)) from None
         raise
     return tls

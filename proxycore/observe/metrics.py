@@ -152,6 +152,12 @@ class Metrics:
         self.reloads = Counter(
             "proxycore_reloads", "Config reloads by outcome.", ["outcome"], registry=reg
         )
+        self.accept_errors = Counter(
+            "proxycore_accept_errors",
+            "accept() errors the listeners skipped, by errno name.",
+            ["errno"],
+            registry=reg,
+        )
         reg.register(_StateCollector(gauges))
         self._routes: dict[str, _RouteMetrics] = {}
 

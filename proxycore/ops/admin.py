@@ -8,6 +8,11 @@ plainly (no fast path).
 - ``/readyz``: 200 once the listeners are up and a config is loaded, 503 while
   shutting down (so a load balancer stops sending before the drain ends).
 - ``/metrics``: the Prometheus text format.
+
+A request whose handler fails (an unexpected exception: a malformed worker
+scrape in the supervisor's merged ``/metrics``, say) gets a 500 and one log
+line; nothing else is affected, and an exception never leaves a connection's
+task (it would end the process, and a supervisor's workers with it).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ class AdminApp:
                         continue
                     if not isinstance(event, h11.Request):
                         return
-                    status, ctype, body = await self.respond(event.method, event.target)
+                    status, ctype, body = await self._answer(event.method, event.target)
                     headers = [
                         (b"Content-Type", ctype),
                         (b"Content-Length", b"%d" % len(body)),
@@ -84,8 +89,25 @@ class AdminApp:
                     h.start_next_cycle()
         except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             return
+        except Exception as exc:  # never out of this task: see the module docstring
+            log.error("admin connection failed: %s", _describe(exc))
         finally:
             await stream.aclose()
+
+    async def _answer(self, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
+        """:meth:`respond`, with an unexpected exception turned into a 500 (one log line)."""
+        try:
+            return await self.respond(method, target)
+        except Exception as exc:
+            path = target.split(b"?", 1)[0].decode("ascii", "replace")
+            log.error("admin %s failed (500): %s", path[:200], _describe(exc))
+            return 500, b"text/plain", b"internal error\n"
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` on one line (no traceback: one log line per failure)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 async def serve_admin(

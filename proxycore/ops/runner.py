@@ -1,23 +1,22 @@
 """Running one proxy process under signals: SIGHUP reloads, SIGTERM/SIGINT drain.
 
-A second SIGTERM/SIGINT during the drain stops at once. The pid file, when
-asked for, is written at start (atomically) and removed at exit.
+A second SIGTERM/SIGINT during the drain stops at once. The pid file, when asked
+for, is written once the handlers are installed (see :mod:`proxycore.ops.process`:
+a SIGHUP held since the process started is a reload now) and removed at exit.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import signal
-from collections.abc import Iterator
 from typing import Final
 
 import trio
 
+from ..ops.process import pid_file, signal_receiver
 from ..ops.server import Server
 
-__all__ = ["pid_file", "read_pid_file", "run_server"]
+__all__ = ["run_server"]
 
 log: Final = logging.getLogger("proxycore.runner")
 
@@ -25,11 +24,13 @@ log: Final = logging.getLogger("proxycore.runner")
 async def run_server(
     server: Server,
     source: str | None,
+    pid_path: str | None = None,
     *,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``server`` until it has shut down, handling SIGHUP, SIGTERM and SIGINT."""
-    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+    signums = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+    with signal_receiver(*signums) as signals, pid_file(pid_path):
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -51,27 +52,3 @@ async def run_server(
                 await server.run(task_status=task_status)
             finally:
                 nursery.cancel_scope.cancel()  # drained (or forced): stop watching signals
-
-
-@contextlib.contextmanager
-def pid_file(path: str | None) -> Iterator[None]:
-    """Write this process's pid to ``path`` for the duration of the block."""
-    if path is None:
-        yield
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="ascii") as file:
-        file.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if read_pid_file(path) == os.getpid():
-                os.unlink(path)
-
-
-def read_pid_file(path: str) -> int:
-    """The pid in ``path``. Raises ``OSError`` or ``ValueError``."""
-    with open(path, encoding="ascii") as file:
-        return int(file.read().strip())

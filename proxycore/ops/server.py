@@ -3,7 +3,9 @@
 One nursery per listener holds that listener's client connections, one task
 each. ``max_connections`` is enforced at accept time: at the limit the proxy
 stops accepting and the kernel's backlog holds new clients. Binding and
-accepting (with its retry on resource errors) are :mod:`proxycore.net.listener`.
+accepting (skipping per-connection and resource errors: counted in
+``proxycore_accept_errors_total{errno}`` and logged by :class:`AcceptErrors`) are
+:mod:`proxycore.net.listener`.
 
 Lifecycle (``Server``):
 
@@ -27,7 +29,8 @@ from typing import Final
 import trio
 
 from ..config import Config, ConfigError
-from ..net.listener import accept, bind_listener
+from ..net.listener import accept, bind_listener, errno_name
+from ..observe.metrics import Metrics
 from ..ops.admin import AdminApp, serve_admin
 from ..proxy.connection import ClientConnection
 from ..proxy.hooks import Hooks
@@ -35,11 +38,43 @@ from ..proxy.state import ProxyState
 from ..security.admission import exposure_problem
 from ..security.secrets import SecretError
 
-__all__ = ["Server", "bind_listener", "serve"]
+__all__ = ["AcceptErrors", "Server", "bind_listener", "serve"]
 
 log: Final = logging.getLogger("proxycore.server")
 
 Address = tuple[str, int]
+
+#: Each errno's skipped accept() errors are logged at most once per this many seconds.
+ACCEPT_LOG_INTERVAL_S: Final = 60.0
+
+
+class AcceptErrors:
+    """The listeners' ``on_error``: counts each skipped ``accept()`` error in
+    ``proxycore_accept_errors_total{errno}`` and logs each errno at most once per
+    ``interval`` seconds (with how many were not logged since)."""
+
+    def __init__(self, metrics: Metrics, interval: float = ACCEPT_LOG_INTERVAL_S) -> None:
+        self.metrics = metrics
+        self.interval = interval
+        #: errno -> (trio time it was last logged, errors since then not logged)
+        self._logged: dict[int, tuple[float, int]] = {}
+
+    def __call__(self, number: int) -> None:
+        name = errno_name(number)
+        self.metrics.accept_errors.labels(name).inc()
+        now = trio.current_time()
+        last = self._logged.get(number)
+        if last is not None and now - last[0] < self.interval:
+            self._logged[number] = (last[0], last[1] + 1)
+            return
+        self._logged[number] = (now, 0)
+        more = f"; {last[1]} more since the last report" if last is not None and last[1] else ""
+        log.warning(
+            "accept() failed (%s): skipped, still listening%s (reported at most every %g s)",
+            name,
+            more,
+            self.interval,
+        )
 
 
 async def _handle(
@@ -81,6 +116,7 @@ class Server:
         self._stop = trio.Event()
         self._accepting: list[trio.CancelScope] = []
         self._root: trio.CancelScope | None = None
+        self.accept_errors = AcceptErrors(self.state.metrics)
 
     # -- control -----------------------------------------------------------
 
@@ -183,7 +219,7 @@ class Server:
                 while True:
                     await limit.acquire()
                     try:
-                        sock, addr = await accept(listener)
+                        sock, addr = await accept(listener, self.accept_errors)
                     except BaseException:
                         limit.release()
                         raise

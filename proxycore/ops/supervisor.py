@@ -6,14 +6,18 @@
   every worker listens on the same port.
 - A worker that dies is restarted, with backoff (0.5 s doubling to 30 s; reset
   after a worker has run for 30 s).
-- SIGHUP is passed to every worker (each re-reads the config file); SIGTERM
-  and SIGINT too (each drains); the supervisor exits when all have. A second
-  SIGTERM/SIGINT kills the workers at once.
+- SIGHUP is passed to every worker that reported ready (each re-reads the
+  config file); a worker still starting (or restarting) gets it once it
+  reports ready, because its handler exists only then. SIGTERM and SIGINT go
+  to every worker at once (each drains); the supervisor exits when all have.
+  A second SIGTERM/SIGINT kills the workers at once. Should the supervisor
+  itself fail, its workers get SIGTERM on the way out (none is left behind).
 - The admin endpoint is served by the supervisor: ``/metrics`` is the sum over
   workers (each serves its own on a private loopback port, scraped on
   request; the config generation is the highest seen), plus
   ``proxycore_workers`` and ``proxycore_worker_restarts_total``; ``/readyz`` is
-  200 while every worker is up.
+  200 while every worker is up. A scrape that can't be merged (a malformed
+  worker page) is a 500 for that request (:mod:`proxycore.ops.admin`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -38,10 +43,11 @@ from ..config import Config, ConfigError
 from ..net.client import fetch
 from ..net.stream import CHUNK
 from ..ops.admin import AdminApp, serve_admin
+from ..ops.process import pid_file, signal_receiver
 from ..ops.server import Server
 from ..security.secrets import SecretError
 
-__all__ = ["supervise"]
+__all__ = ["merged_metrics", "supervise"]
 
 log: Final = logging.getLogger("proxycore.supervisor")
 
@@ -57,6 +63,8 @@ class _Worker:
     process: trio.Process | None = None
     admin: tuple[str, int] | None = None
     restarts: int = 0
+    #: A SIGHUP came while the worker was not ready yet: pass it on once it is.
+    reload_pending: bool = False
 
 
 def _format(host: str, port: int) -> str:
@@ -95,13 +103,20 @@ class _Supervisor:
         self.base_cmd += ["--log-level", args.log_level, "--listen-override", ",".join(listen)]
         if args.no_access_log:
             self.base_cmd.append("--no-access-log")
+        self.pid_path: str | None = args.pid_file
         self.workers = [_Worker(slot) for slot in range(count)]
         self.stopping = False
         self.forced = False
 
     def signal_all(self, signum: int) -> None:
+        """``signum`` to every live worker; SIGHUP only to the ready ones (the others get it
+        when they report ready: before that, their handler may not exist yet)."""
         for worker in self.workers:
-            if worker.process is not None and worker.process.returncode is None:
+            if worker.process is None or worker.process.returncode is not None:
+                continue
+            if signum == signal.SIGHUP and worker.admin is None:
+                worker.reload_pending = True
+            else:
                 worker.process.send_signal(signum)
 
     async def run_worker(self, worker: _Worker) -> None:
@@ -109,6 +124,7 @@ class _Supervisor:
         while not self.is_stopping():
             read_fd, write_fd = os.pipe()
             cmd = [*self.base_cmd, "--report-fd", str(write_fd)]
+            worker.reload_pending = False  # a process started from now on reads the file anew
             try:
                 process = await trio.lowlevel.open_process(cmd, pass_fds=(write_fd,))
             finally:
@@ -129,6 +145,9 @@ class _Supervisor:
                         admin = json.loads(line)["admin"]
                         worker.admin = (admin[0], int(admin[1]))
                         log.info("worker %d up (pid %d)", worker.slot, process.pid)
+                        if worker.reload_pending and process.returncode is None:
+                            worker.reload_pending = False
+                            process.send_signal(signal.SIGHUP)
             code = await process.wait()
             worker.admin = None
             if self.is_stopping():
@@ -153,28 +172,38 @@ class _Supervisor:
         return not self.stopping and all(w.admin is not None for w in self.workers)
 
     async def metrics(self) -> bytes:
-        texts = []
-        for worker in self.workers:
-            if worker.admin is None:
+        workers = self.workers
+        admins = [w.admin for w in workers if w.admin is not None]
+        return await merged_metrics(admins, restarts=sum(w.restarts for w in workers))
+
+
+async def merged_metrics(admins: list[tuple[str, int]], *, restarts: int) -> bytes:
+    """The workers' ``/metrics`` pages (scraped from their ``admins``) merged into one.
+
+    A worker that can't be reached (5 s) or doesn't answer 200 is left out. Raises
+    ``ValueError`` for a page that isn't the Prometheus text format.
+    """
+    texts = []
+    for host, port in admins:
+        with trio.move_on_after(5):
+            try:
+                res = await fetch(host, port, "/metrics")
+            except OSError:
                 continue
-            with trio.move_on_after(5):
-                try:
-                    res = await fetch(worker.admin[0], worker.admin[1], "/metrics")
-                except OSError:
-                    continue
-                if res.status == 200:
-                    texts.append(res.body.decode("utf-8", "replace"))
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Merged(texts, self.workers))
-        return generate_latest(registry)
+            if res.status == 200:
+                texts.append(res.body.decode("utf-8", "replace"))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(texts, len(admins), restarts))
+    return generate_latest(registry)
 
 
 class _Merged(Collector):
     """Every worker's samples summed by name and labels (the generation: the highest)."""
 
-    def __init__(self, texts: list[str], workers: list[_Worker]) -> None:
+    def __init__(self, texts: list[str], up: int, restarts: int) -> None:
         self._texts = texts
-        self._workers = workers
+        self._up = up
+        self._restarts = restarts
 
     def collect(self) -> list[Metric]:
         families: dict[str, Metric] = {}
@@ -199,42 +228,47 @@ class _Merged(Collector):
                 family.add_sample(sample_name, dict(labels), value)
             out.append(family)
         workers = Metric("proxycore_workers", "Worker processes up.", "gauge")
-        workers.add_sample("proxycore_workers", {}, sum(w.admin is not None for w in self._workers))
+        workers.add_sample("proxycore_workers", {}, self._up)
         restarts = Metric("proxycore_worker_restarts", "Worker restarts.", "counter")
-        restarts.add_sample(
-            "proxycore_worker_restarts_total", {}, sum(w.restarts for w in self._workers)
-        )
+        restarts.add_sample("proxycore_worker_restarts_total", {}, self._restarts)
         return [*out, workers, restarts]
 
 
 async def _supervise(sup: _Supervisor) -> None:
     signums = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
-    with trio.open_signal_receiver(*signums) as signals:
-        async with trio.open_nursery() as nursery:
+    with signal_receiver(*signums) as signals, pid_file(sup.pid_path):
+        try:
+            await _run(sup, signals)
+        finally:  # all have exited, unless the supervisor itself failed: then they drain
+            sup.signal_all(signal.SIGTERM)
 
-            async def watch() -> None:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        log.info("SIGHUP: reloading every worker")
-                        sup.signal_all(signal.SIGHUP)
-                    elif sup.stopping:
-                        log.warning("second signal: killing the workers")
-                        sup.forced = True
-                        sup.signal_all(signal.SIGKILL)
-                    else:
-                        log.info("%s: stopping the workers", signal.Signals(signum).name)
-                        sup.stopping = True
-                        sup.signal_all(signal.SIGTERM)
 
-            nursery.start_soon(watch)
-            admin = sup.config.admin.address
-            if admin is not None:
-                app = AdminApp(sup.ready, sup.metrics)
-                await nursery.start(serve_admin, app, *admin)
-            async with trio.open_nursery() as workers:
-                for worker in sup.workers:
-                    workers.start_soon(sup.run_worker, worker)
-            nursery.cancel_scope.cancel()
+async def _run(sup: _Supervisor, signals: AsyncIterator[int]) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading every worker")
+                    sup.signal_all(signal.SIGHUP)
+                elif sup.stopping:
+                    log.warning("second signal: killing the workers")
+                    sup.forced = True
+                    sup.signal_all(signal.SIGKILL)
+                else:
+                    log.info("%s: stopping the workers", signal.Signals(signum).name)
+                    sup.stopping = True
+                    sup.signal_all(signal.SIGTERM)
+
+        nursery.start_soon(watch)
+        admin = sup.config.admin.address
+        if admin is not None:
+            app = AdminApp(sup.ready, sup.metrics)
+            await nursery.start(serve_admin, app, *admin)
+        async with trio.open_nursery() as workers:
+            for worker in sup.workers:
+                workers.start_soon(sup.run_worker, worker)
+        nursery.cancel_scope.cancel()
 
 
 def supervise(args: argparse.Namespace, config: Config, workers: int) -> int:

@@ -197,6 +197,8 @@ class _Exchange:
                 await self._forward(match, view.query, framing, admission)
         except ProxyError as exc:
             await self._fail(exc)
+        except Exception as exc:  # a bug or a surprise: one log line, a 500 or a cut
+            await self._fail(ledger.unexpected(exc))
         finally:
             ledger.close()
             if ledger.hooks.on_exchange_end is not None:

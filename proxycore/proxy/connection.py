@@ -76,8 +76,11 @@ class ClientConnection:
         state.connection_opened()
         try:
             first = True
+            stream = self.stream
             while True:
                 snapshot = state.snapshot
+                # Until a route is matched (its own ``send``), writes have the default bound.
+                stream.send_timeout = snapshot.config.timeouts.send
                 request = await self._read_head(snapshot.config.server, first)
                 if request is None:
                     break
@@ -85,9 +88,11 @@ class ClientConnection:
                 outcome = await Exchange(self, state, request, self.pending, snapshot).run()
                 self.pending = outcome.leftover
                 self.linger |= outcome.linger
-                if not outcome.reuse or state.draining:
+                # A cut write (part of a write left, then it failed or was cancelled): the
+                # client may hold half a message; nothing may follow it.
+                if not outcome.reuse or state.draining or stream.write_cut:
                     break
-            if self.linger:
+            if self.linger and not stream.write_cut:
                 await self._linger()
         except Exception:
             log.exception("unexpected error on a client connection")

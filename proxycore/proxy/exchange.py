@@ -50,6 +50,7 @@ from ..http.headers import (
     request_framing,
     request_id_from,
     serialize_head,
+    without_h2c_offer,
 )
 from ..http.router import Match
 from ..http.target import TargetView
@@ -126,7 +127,8 @@ class Exchange:
         self._linger = False
 
     async def run(self) -> ExchangeOutcome:
-        """Never raises a ``ProxyError``: errors are answered (or cut) here."""
+        """Never raises (but ``trio.Cancelled``): errors are answered (or cut) here; an
+        unexpected exception is one log line and a 500 (or a cut), and closes."""
         client = self.client
         method = self.method.decode("ascii", "replace")
         request_id = request_id_from(self.headers)
@@ -140,10 +142,14 @@ class Exchange:
             if b"close" in tokens:
                 sink.close = True
             upgrade = b"upgrade" in tokens and self._has(b"upgrade")
+            if upgrade and (plain := without_h2c_offer(self.headers)) is not None:
+                # A cleartext HTTP/2 offer (curl --http2): declined, served as HTTP/1.1.
+                self.headers, upgrade = plain, False
             expect = expect_continue(self.headers) and self.client_11 and not body.done
             match, admission, body.max_body = await admit(
                 ledger, self.snapshot, self.method, view, self.headers, body.declared
             )
+            client.stream.send_timeout = self.snapshot.config.timeouts_for(match.route).send
             sink.sse_errors = match.route.sse.errors and self._accepts_event_stream()
             if upgrade:
                 if not match.route.websocket or not self._is_websocket_upgrade():
@@ -161,6 +167,9 @@ class Exchange:
                 await self._forward(match, view.query, framing, expect, admission)
         except ProxyError as exc:
             await self._fail(exc)
+        except Exception as exc:  # a bug or a surprise: this exchange ends, nothing else
+            sink.close = True  # the connection's state is unknown: never reuse it
+            await self._fail(ledger.unexpected(exc))
         finally:
             ledger.close()
             if ledger.hooks.on_exchange_end is not None:
@@ -289,7 +298,10 @@ class Exchange:
         )
         if not body.done:
             # The response ended before the request body: we can't find the next request.
+            # The client may still be sending it: close lingering, so that a reset doesn't
+            # destroy the answer before the client reads it.
             sink.close = True
+            self._linger = True
 
     # -- errors ----------------------------------------------------------------
 

@@ -162,6 +162,24 @@ class Ledger:
 
     # -- the end -------------------------------------------------------------
 
+    def unexpected(self, exc: Exception) -> InternalError:
+        """An exception no part of the exchange expected (a bug, a library's surprise):
+        log it as ONE line (its type, where it was raised, the request id; never its
+        message, which may quote request bytes) and return the 500 that ends the
+        exchange (answered, or a cut if the response already started)."""
+        leaves = _leaves(exc)
+        first = leaves[0]
+        name, where = type(first).__name__, _raised_at(first)
+        more = f" (and {len(leaves) - 1} more)" if len(leaves) > 1 else ""
+        self.log.error(
+            "unexpected %s in the exchange (request %s) at %s%s",
+            name,
+            self.record.request_id,
+            where,
+            more,
+        )
+        return InternalError("internal error", detail=f"unexpected {name} at {where}")
+
     def failed(self, exc: ProxyError) -> None:
         """Record a proxy-made error (the status is the front end's: it knows what was sent)."""
         rec = self.record
@@ -223,3 +241,22 @@ class Ledger:
             "outcome": outcome,
         }
         self.state.transcripts.submit(path, record)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``, exception groups (a nursery's) flattened."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)] or [exc]
+    return [exc]
+
+
+def _raised_at(exc: BaseException) -> str:
+    """``module:line (function)`` of the innermost frame of ``exc``'s traceback."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "?"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    module = tb.tb_frame.f_globals.get("__name__", code.co_filename)
+    return f"{module}:{tb.tb_lineno} ({code.co_name})"

@@ -261,7 +261,9 @@ class RawResponseSink:
     async def respond(self, head: ResponseHead, up: UpstreamConnection, call: UpstreamCall) -> bool:
         status, framing, ledger = head.status, head.framing, self._ledger
         kind = framing.kind
-        if ledger.state.draining:
+        if ledger.state.draining or not call.body.done:
+            # An answer before the whole request body: the connection can't carry another
+            # request (where would it start?), so the client is told it closes.
             self.close = True
         if kind == "none" or kind == "length":
             out = framing
@@ -291,7 +293,9 @@ class RawResponseSink:
         data = serialize_head(start, headers)
         rec, trailing = ledger.record, head.trailing
         down, buf = self._down.stream, self.buf
-        # bytes_out: the body bytes written so far, also when a pump fails (exc.moved).
+        # bytes_out: the body bytes that left, counted by the stream (so a pump that
+        # failed, was cut part-way or was cancelled from outside still counts right).
+        body_from = down.bytes_sent + len(data)
         try:
             if kind == "none":
                 await self.send_head(data, status)
@@ -299,13 +303,10 @@ class RawResponseSink:
             if kind == "length":
                 first = trailing[: framing.length]
                 await self.send_head(data + first, status)
-                rec.bytes_out = len(first)
                 rest = framing.length - len(first)
                 if rest:
                     call.watch_downstream()
-                    rec.bytes_out += await pump_length(
-                        up.stream, down, bulk_buffer(rest, buf), rest, idle
-                    )
+                    await pump_length(up.stream, down, bulk_buffer(rest, buf), rest, idle)
                 return len(trailing) == len(first)
             if kind == "chunked":
                 return await self._relay_chunked(data, status, trailing, up.stream, idle, call)
@@ -313,24 +314,20 @@ class RawResponseSink:
             if out is CHUNKED and first:
                 first = encode_chunk_header(len(first)) + first + b"\r\n"
             await self.send_head(data + first, status)
-            rec.bytes_out = len(first)
             call.watch_downstream()
-            rec.bytes_out += await pump_until_close(
-                up.stream, down, buf, idle, chunk_encode=out is CHUNKED
-            )
+            await pump_until_close(up.stream, down, buf, idle, chunk_encode=out is CHUNKED)
             return False
         except SourceFailed as exc:
-            rec.bytes_out += exc.moved
             raise UpstreamReset(f"upstream failed mid-body: {exc}") from None
-        except SinkFailed as exc:
-            rec.bytes_out += exc.moved
+        except SinkFailed:
             raise ClientGone("client went away during the response") from None
-        except FramingError as exc:
-            rec.bytes_out += exc.moved
+        except FramingError:
             raise UpstreamProtocolError("malformed chunked body from upstream") from None
-        except IdleTimeout as exc:
-            rec.bytes_out += exc.moved
+        except IdleTimeout:
             raise UpstreamTimeout(f"response body idle for {idle:g} s") from None
+        finally:
+            if kind != "none":
+                rec.bytes_out = max(0, down.bytes_sent - body_from)
 
     async def _relay_chunked(
         self, head: bytes, status: int, trailing: bytes, up: Stream, idle: float, call: UpstreamCall
@@ -344,14 +341,11 @@ class RawResponseSink:
             raise FramingError("bad chunk") from None
         first = trailing[:end] if self.client_11 else b"".join(trailing[s:e] for s, e in spans)
         await self.send_head(head + first, status)
-        rec = self._ledger.record
-        rec.bytes_out = len(first)
         leftover = trailing[end:]
         if not scanner.done:
             call.watch_downstream()
             pump = pump_chunked if self.client_11 else pump_chunked_decoded
-            moved, leftover = await pump(up, self._down.stream, self.buf, scanner, idle)
-            rec.bytes_out += moved
+            _, leftover = await pump(up, self._down.stream, self.buf, scanner, idle)
         return not leftover
 
     async def _relay_sse(

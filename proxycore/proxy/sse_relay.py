@@ -1,18 +1,33 @@
 """Relaying an SSE response with the route's SSE features on (heartbeats, in-band
 errors, the transcript tap, the ``on_sse_event`` hook).
 
-Bytes still leave as soon as they arrive and are never changed: each upstream
-read (at most 4 KiB) is decoded from its framing (chunked, Content-Length or
-close-delimited) and written to the client at once as one chunk (HTTP/1.1) or
-raw (HTTP/1.0, close-delimited). Owning the client framing is what lets the
-proxy insert a heartbeat or an error event between two upstream reads; it
-costs a chunk header per read compared with the passthrough pump.
+Bytes are never changed, and every complete event leaves as soon as its blank
+line arrived: each upstream read (at most 4 KiB) is decoded from its framing
+(chunked, Content-Length or close-delimited), fed to the parser, and
+everything up to the last event boundary is written to the client at once as
+one chunk (HTTP/1.1) or raw (HTTP/1.0, close-delimited). Owning the client
+framing is what lets the proxy insert a heartbeat or an error event; it costs
+a chunk header per write compared with the passthrough pump.
+
+**Partial events are held back.** The bytes of an event not finished yet (no
+blank line yet) wait in the relay, at most :data:`HOLD_MAX` (64 KiB) per
+stream. So the client is always between events, and when the upstream dies
+mid-event the held start is dropped and the ``error`` event follows the last
+complete event: a client never dispatches a partial event. An event larger
+than the hold goes out as it comes once it outgrew it (memory stays bounded);
+if the upstream then dies inside it, the client connection is cut without a
+clean end (as the passthrough pump does). On a clean upstream end the held
+bytes are sent as they are (the upstream's own stream ended mid-event).
+
+Cut writes: once a client write was interrupted after some of its bytes left
+(``Stream.write_cut``: a cancelled or failed ``send_all``), the relay writes
+nothing more, no error event, no last chunk: the exchange cuts the connection.
 
 Two tasks write to the client (the pump and the heartbeat task), so every
 client write holds ``_lock``. A heartbeat (``: keep-alive``) goes out only
-when nothing was written for ``heartbeat`` seconds *and* the parser is at an
-event boundary. Heartbeats are not upstream activity: the idle timeout counts
-upstream reads only.
+when nothing was written for ``heartbeat`` seconds *and* the client is between
+events (with the hold, also while the upstream is mid-event). Heartbeats are
+not upstream activity: the idle timeout counts upstream reads only.
 
 :func:`relay_sse` is the native front end's use of it (after the response head
 went out): the tap for the transcript, the ``on_sse_event`` hook, and an upstream
@@ -45,9 +60,10 @@ from ..net.pipe import CHUNK, FramingError, IdleTimeout, SinkFailed, SourceFaile
 from ..net.stream import Stream, StreamBroken
 from ..proxy.ledger import Ledger
 
-__all__ = ["SSERelay", "relay_sse", "sse_error_reply"]
+__all__ = ["HOLD_MAX", "SSERelay", "relay_sse", "sse_error_reply"]
 
-_END_EVENT: Final = b"\n\n"
+#: The most bytes of one unfinished event held back from the client (per stream).
+HOLD_MAX: Final = 64 * 1024
 
 
 class SSERelay:
@@ -75,40 +91,84 @@ class SSERelay:
         self._last_write = trio.current_time()
         self._beats = 0
         self._body_seen = False
-        self._beat_failure: SinkFailed | None = None
+        self._beat_failure: Exception | None = None
+        #: The start of an unfinished event, not sent yet (at most ``HOLD_MAX``).
+        self._held = bytearray()
+        #: Part of an unfinished event went out (it outgrew ``HOLD_MAX``): the client is
+        #: mid-event until its end is sent.
+        self._open = False
         self.moved = 0
         self.leftover = b""
 
-    async def write(self, data: bytes, *, body: bool = False) -> list[SSEEvent]:
-        """Write bytes to the client, framed; one write at a time.
+    @property
+    def can_end(self) -> bool:
+        """The client is between events and may be sent more (an error event, the end):
+        no write was cut and no part of an unfinished event went out."""
+        return not self._open and not self._down.write_cut
 
-        ``body`` bytes (the upstream's) are fed to the parser under the same lock,
-        so the heartbeat task never sees a boundary that the client hasn't got yet.
-        Returns the events they completed.
-        """
+    async def _send(self, data: bytes | bytearray | memoryview) -> None:
+        """One framed write; the caller holds ``_lock``."""
+        if self._down.write_cut:  # never a byte after a partial write (misframed)
+            raise SinkFailed("an earlier write to the client was cut")
+        if self._chunked_out:
+            data = b"%s%s\r\n" % (encode_chunk_header(len(data)), data)
+        try:
+            await self._down.send_all(data)
+        except StreamBroken as exc:
+            raise SinkFailed(str(exc)) from None
+        self.moved += len(data)
+        self._last_write = trio.current_time()
+
+    async def _body(self, data: bytes | memoryview) -> list[SSEEvent]:
+        """Relay upstream body bytes: everything up to the last complete event goes out
+        at once; the start of an unfinished event is held back (up to ``HOLD_MAX``, then
+        it goes out as it comes). Fed to the parser under the same lock as the writes, so
+        the heartbeat task sees the client's state. Returns the events completed."""
         if not data:
             return []
         async with self._lock:
-            if body and not self._body_seen:
+            events = self.parser.feed(data)
+            tail, held = self.parser.tail, self._held
+            pending: bytes | bytearray | memoryview = data
+            if held:
+                held += data
+                pending = held
+            size = len(pending)
+            if tail >= size and not self._open and tail <= HOLD_MAX:
+                if not held:
+                    self._held = bytearray(data)
+                return events  # no event end in sight: hold (nothing completed)
+            if tail >= size or tail > HOLD_MAX:
+                out, self._held = pending, bytearray()
+                self._open = tail > 0
+            else:
+                out, self._held = pending[: size - tail], bytearray(pending[size - tail :])
+                self._open = False
+            if not self._body_seen:
                 self._body_seen = True
-                if self._beats and data.startswith(BOM):
-                    data = data[len(BOM) :]  # a BOM only means something first; we sent first
-            frame = encode_chunk_header(len(data)) + data + b"\r\n" if self._chunked_out else data
-            try:
-                await self._down.send_all(frame)
-            except StreamBroken as exc:
-                raise SinkFailed(str(exc)) from None
-            self.moved += len(frame)
-            self._last_write = trio.current_time()
-            return self.parser.feed(data) if body else []
+                if self._beats and bytes(out[: len(BOM)]) == BOM:
+                    out = out[len(BOM) :]  # a BOM only means something first; we sent first
+            if out:
+                await self._send(out)
+        return events
 
     async def finish(self, error_event: bytes = b"") -> None:
-        """End the stream cleanly, after an error event if given (at an event boundary)."""
-        if error_event:
-            prefix = b"" if self.parser.at_boundary else _END_EVENT
-            await self.write(prefix + error_event)
-        if self._chunked_out:
-            async with self._lock:
+        """End the stream cleanly: after an error event if given, else after the bytes
+        still held (the stream ended inside an event: the client discards it as the
+        upstream's stream would have it). Raises ``SinkFailed`` if the client can't be
+        sent more (:attr:`can_end`); the caller then cuts the connection."""
+        async with self._lock:
+            if error_event:
+                if not self.can_end:
+                    raise SinkFailed("the client is mid-write or mid-event")
+                self._held = bytearray()  # an unfinished event is never sent
+                await self._send(error_event)
+            elif self._held:
+                held, self._held = self._held, bytearray()
+                await self._send(held)
+            if self._chunked_out:
+                if self._down.write_cut:
+                    raise SinkFailed("an earlier write to the client was cut")
                 try:
                     await self._down.send_all(LAST_CHUNK)
                 except StreamBroken as exc:
@@ -117,15 +177,18 @@ class SSERelay:
 
     async def run(self, first: bytes, kind: str, length: int) -> None:
         """Relay the body: ``kind`` is the upstream framing (chunked, length, close);
-        ``first`` the body bytes already read with the head."""
+        ``first`` the body bytes already read with the head.
+
+        Any exception of the pump or the heartbeat task is raised as itself, after the
+        nursery (which would wrap it in an ExceptionGroup)."""
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             if self._heartbeat:
                 nursery.start_soon(self._beat)
             try:
                 await self._pump(first, kind, length)
-            except (SourceFailed, SinkFailed, IdleTimeout, FramingError) as exc:
-                failure = exc  # raised after the nursery: it would wrap it in an ExceptionGroup
+            except Exception as exc:
+                failure = exc
             # Stop the heartbeat task only between two of its writes (never mid-frame).
             with trio.move_on_after(self._idle) as waited:
                 async with self._lock:
@@ -143,22 +206,18 @@ class SSERelay:
                 await trio.sleep_until(self._last_write + self._heartbeat)
                 async with self._lock:
                     due = trio.current_time() >= self._last_write + self._heartbeat
-                    if due and self.parser.at_boundary:
-                        frame = HEARTBEAT
-                        if self._chunked_out:
-                            frame = encode_chunk_header(len(HEARTBEAT)) + HEARTBEAT + b"\r\n"
-                        await self._down.send_all(frame)
-                        self.moved += len(frame)
+                    if due and not self._open:
+                        await self._send(HEARTBEAT)
                         self._beats += 1
-                        self._last_write = trio.current_time()
                     elif due:
-                        # Mid-event: the upstream is still sending one; retry in a beat.
+                        # Mid-event on the client: the upstream is still sending one that
+                        # outgrew the hold; retry in a beat.
                         self._last_write = trio.current_time()
-        except StreamBroken as exc:
-            self._beat_failure = SinkFailed(str(exc))
+        except Exception as exc:  # kept for run(): raised in the nursery, it would be wrapped
+            self._beat_failure = exc
 
     async def _deliver(self, data: bytes | memoryview) -> None:
-        events = await self.write(bytes(data), body=True)
+        events = await self._body(data)
         if self._on_event is not None:
             for event in events:
                 await self._on_event(event)
@@ -169,6 +228,9 @@ class SSERelay:
         pending: bytes | memoryview = first
         view = memoryview(self._buf)
         spans: list[tuple[int, int]] = []
+        # True while the pump waits on the client (a write, or the lock a stalled
+        # heartbeat write holds): the idle scope firing then is the client's failure.
+        writing = False
         with trio.CancelScope(deadline=trio.current_time() + self._idle) as scope:
             while True:
                 if scanner is not None and pending:
@@ -180,11 +242,15 @@ class SSERelay:
                     data = b"".join(bytes(pending[s:e]) for s, e in spans)
                     if scanner.done:
                         self.leftover = bytes(pending[end:])
+                    writing = True
                     await self._deliver(data)
+                    writing = False
                     if scanner.done:
                         return
                 elif pending:
+                    writing = True
                     await self._deliver(pending)
+                    writing = False
                 if remaining == 0:
                     return
                 want = CHUNK if remaining < 0 else min(CHUNK, remaining)
@@ -201,6 +267,8 @@ class SSERelay:
                 pending = view[:n]
                 scope.deadline = trio.current_time() + self._idle
         if scope.cancelled_caught:
+            if writing:
+                raise SinkFailed(f"write to the client stalled for {self._idle:g} s")
             raise IdleTimeout(f"no body bytes for {self._idle:g} s")
 
 
@@ -248,12 +316,16 @@ async def relay_sse(
         on_event=ledger.sse_event if ledger.hooks.on_sse_event is not None else None,
     )
     first = trailing[:length] if kind == "length" else trailing
+    # What left for the client, a cut write's part included (the relay counts whole writes).
+    sent_before = down.bytes_sent
     try:
         try:
             await relay.run(first, kind, length)
         except (SourceFailed, IdleTimeout, FramingError) as exc:
             error = _upstream_error(exc, idle)
-            if not errors:
+            if not errors or not relay.can_end:
+                # A cut: errors off, a client write was cut (the client may hold half a
+                # chunk), or the client holds part of an event (it outgrew the hold).
                 raise error from None
             rec.outcome, rec.error_kind = error.outcome, error.kind
             await relay.finish(error_event(error.status, error.message, rec.request_id))
@@ -262,7 +334,7 @@ async def relay_sse(
     except SinkFailed:
         raise ClientGone("client went away during the response") from None
     finally:
-        rec.bytes_out = relay.moved
+        rec.bytes_out = down.bytes_sent - sent_before
     if kind == "chunked":
         return not relay.leftover
     return kind == "length" and len(trailing) <= length

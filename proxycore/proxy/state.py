@@ -76,16 +76,20 @@ class ProxyState:
         for scope in list(self.idle_waits):
             scope.cancel()
 
-    def prepare(self, config: Config, generation: int) -> Snapshot:
-        """Build a snapshot (reads secrets and tokens) without installing it."""
-        return Snapshot(config, Router(config.routes), Security(config, self.pool), generation)
+    def prepare(
+        self, config: Config, generation: int, previous: Snapshot | None = None
+    ) -> Snapshot:
+        """Build a snapshot (reads secrets and tokens) without installing it; the rate-limit
+        state of ``previous``'s unchanged routes is carried over (see ``Security``)."""
+        security = Security(config, self.pool, previous.security if previous else None)
+        return Snapshot(config, Router(config.routes), security, generation)
 
     def swap(self, config: Config) -> Snapshot:
         """Install ``config`` for every exchange that starts from now on.
 
         Everything is built first; if that fails (``SecretError``) nothing changes.
         """
-        snapshot = self.prepare(config, self.snapshot.generation + 1)
+        snapshot = self.prepare(config, self.snapshot.generation + 1, self.snapshot)
         self.snapshot = snapshot
         self.pool.settings = config.pool
         return snapshot

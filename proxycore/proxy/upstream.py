@@ -32,7 +32,8 @@ everything else happens here, once:
 
 A failure of the body side is recorded and cancels the nursery; it wins over
 the response side's error. Only :class:`~proxycore.errors.ProxyError` leaves
-:meth:`UpstreamCall.forward`.
+:meth:`UpstreamCall.forward`, or an unexpected exception (a bug) as itself, never
+wrapped in an ExceptionGroup (the front end contains it).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ import trio
 from ..config import ServerSettings, Timeouts
 from ..errors import (
     ClientGone,
-    ProxyError,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamReset,
@@ -72,7 +72,7 @@ from ..net.pool import (
     open_connection,
     with_stale_retry,
 )
-from ..net.stream import CHUNK, Stream, StreamBroken, TLSStream
+from ..net.stream import CHUNK, SendTimeout, Stream, StreamBroken, TLSStream
 from ..proxy.ledger import Ledger
 
 __all__ = [
@@ -100,6 +100,7 @@ class RequestBody(Protocol):
         """Pump the rest of the body to ``up``: True (and :attr:`done` set) once all of
         it went, False if the upstream stopped reading (its response decides).
 
+        ``idle`` is the route's ``client_body``: the longest silence between two reads.
         Raises :class:`~proxycore.errors.ProxyError` for a downstream failure (gone,
         stalled for ``idle``, malformed, too large).
         """
@@ -191,8 +192,8 @@ class UpstreamCall:
         self.ledger, self.pool, self.body, self.sink = ledger, pool, body, sink
         self._open = connect
         self.method, self.timeouts, self.server = method, timeouts, server
-        #: A failure of the body side (it cancelled the exchange).
-        self.side_error: ProxyError | None = None
+        #: A failure of the body side (it cancelled the exchange); raised as itself.
+        self.side_error: Exception | None = None
         self._head = b""
         self._expect = False
         self._conn: UpstreamConnection | None = None
@@ -258,15 +259,20 @@ class UpstreamCall:
         reusable = False
         pool.mark_busy(conn.origin)
         try:
+            conn.stream.send_timeout = self.timeouts.send
             try:
                 await conn.stream.send_all(self._head)
+            except SendTimeout:
+                raise UpstreamTimeout(
+                    f"{self._where} accepted no request bytes for {self.timeouts.send:g} s"
+                ) from None
             except StreamBroken:
                 if conn.uses:
                     raise StaleConnection from None
                 raise UpstreamReset("upstream closed the connection") from None
             if self._expect:
                 await self.sink.send_continue()
-            main_error: ProxyError | StaleConnection | None = None
+            main_error: Exception | None = None
             async with trio.open_nursery() as nursery:
                 self._nursery, self._conn, self._watching = nursery, conn, False
                 if not body.done or body.eager or isinstance(conn.stream, TLSStream):
@@ -274,8 +280,9 @@ class UpstreamCall:
                 try:
                     head = await self._response_head(conn)
                     reusable = await self.sink.respond(head, conn, self) and head.reusable
-                except (ProxyError, StaleConnection) as exc:
-                    # Kept out of the nursery: it would wrap it in an ExceptionGroup.
+                except Exception as exc:
+                    # Kept out of the nursery (any exception): it would wrap it in an
+                    # ExceptionGroup; raised as itself below.
                     main_error = exc
                 finally:
                     self._nursery = None
@@ -306,16 +313,18 @@ class UpstreamCall:
         try:
             if not body.done:
                 assert self._conn is not None
-                if await body.send_rest(self._conn.stream, self.timeouts.idle):
-                    self._start_response_timer()
+                await body.send_rest(self._conn.stream, self.timeouts.client_body)
+                # Complete, or the upstream stopped taking it: either way the wait for
+                # its answer is the upstream's now.
+                self._start_response_timer(force=True)
             gone = await body.wait_gone()
-        except ProxyError as exc:
+        except Exception as exc:  # any: raised in the nursery it would become a group
             self.abort(exc)
             return
         if gone:
             self.abort(ClientGone("client went away"))
 
-    def abort(self, exc: ProxyError) -> None:
+    def abort(self, exc: Exception) -> None:
         """Fail the exchange with ``exc`` from outside the response side."""
         self.side_error = exc
         if self._nursery is not None:
@@ -323,11 +332,12 @@ class UpstreamCall:
 
     # -- the response head ---------------------------------------------------
 
-    def _start_response_timer(self) -> None:
-        """The wait for the head starts once the request is complete: a slow upload is the
-        downstream's (``idle`` bounds it), not the upstream's."""
+    def _start_response_timer(self, *, force: bool = False) -> None:
+        """The wait for the head starts once the request is complete (or, ``force``, the
+        body side stopped sending it): a slow upload is the downstream's (``client_body``
+        bounds it), not the upstream's."""
         scope = self._response_scope
-        if scope is not None and self.body.done:
+        if scope is not None and (force or self.body.done):
             scope.deadline = trio.current_time() + self.timeouts.response
 
     async def _recv_soon(self, stream: Stream, buf: bytearray) -> int:

@@ -51,7 +51,7 @@ import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from ..errors import ProxyError, UpstreamConnectError, connect_reason, public_reason
-from ..net.stream import StreamBroken, connect_tcp
+from ..net.stream import RawStream, StreamBroken, connect_tcp
 from ..net.tls import start_tls
 from ..observe.accesslog import ExchangeRecord, access_logger
 from ..proxy.ws_handshake import (
@@ -64,6 +64,7 @@ from ..proxy.ws_handshake import (
     check_client,
     close_ws,
 )
+from ..proxy.ws_streams import RawTrioStream
 
 __all__ = ["open_upstream", "relay_websocket"]
 
@@ -88,20 +89,17 @@ async def open_upstream(up: UpgradeRequest) -> UpstreamSocket:
             detail=f"{address}: {exc.strerror or exc}",
         ) from None
 
-    def close() -> None:
-        if sock.fileno() != -1:
-            trio.lowlevel.notify_closing(sock)
-            sock.close()
-
+    # Writes to the upstream are bounded by the route's ``send`` (RawStream's timer).
+    raw = RawStream(sock, send_timeout=up.timeouts.send)
     if target.scheme == "http":
-        return UpstreamSocket(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), close)
+        return UpstreamSocket(RawTrioStream(raw), raw.close)
     try:
-        tls = await start_tls(sock, target.host, up.route.ca_file)
+        tls = await start_tls(sock, target.host, up.route.ca_file, transport=RawTrioStream(raw))
     except StreamBroken as exc:
         raise UpstreamConnectError(
             f"{up.where}: {public_reason(str(exc))}", detail=f"{address}: {exc}"
         ) from None
-    return UpstreamSocket(tls, close)
+    return UpstreamSocket(tls, raw.close)
 
 
 def _size(message: str | bytes) -> int:

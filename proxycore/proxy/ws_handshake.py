@@ -11,7 +11,10 @@ read or written here.
 (:func:`check_client`), parsed by trio-websocket's server side from a stream that replays
 it (:class:`ClientStream`), then the upstream handshake runs within the route's
 ``connect`` timeout. Its 101 makes the client's 101. A refusal is relayed as a plain
-response (:meth:`Handshake.relay_refusal`).
+response (:meth:`Handshake.relay_refusal`); one whose body is over
+:data:`~proxycore.proxy.ws_streams.MAX_REFUSAL_BODY` (64 KiB) is a 502 instead (the
+upstream's stream is read through :class:`~proxycore.proxy.ws_streams.RefusalCap`). The
+trio streams the handshakes use are in :mod:`~proxycore.proxy.ws_streams`.
 """
 
 from __future__ import annotations
@@ -52,8 +55,9 @@ from ..http.headers import (
     upstream_request_headers,
 )
 from ..http.router import Match
-from ..net.stream import RawStream, StreamBroken
+from ..net.stream import RawStream
 from ..observe.accesslog import ExchangeRecord
+from ..proxy.ws_streams import MAX_REFUSAL_BODY, RECV_BYTES, ClientStream, RefusalCap
 from ..security.admission import Admission
 
 __all__ = [
@@ -78,8 +82,6 @@ log: Final = logging.getLogger("proxycore.websocket")
 
 #: How long each closing handshake may take before the connection is cut.
 CLOSE_TIMEOUT_S: Final = 5.0
-#: Socket read size, both sides (4 KiB halves throughput: wsproto's cost is per read).
-RECV_BYTES: Final = 65536
 #: Handshake headers trio-websocket makes itself: client copies never go upstream.
 WS_HANDSHAKE: Final = frozenset(
     b"sec-websocket-" + n for n in (b"key", b"version", b"extensions", b"protocol", b"accept")
@@ -199,82 +201,6 @@ def check_client(up: UpgradeRequest) -> list[str]:
     except UnicodeError:
         raise BadRequest("invalid bytes in the WebSocket handshake") from None
     return [s for s in (p.decode().strip() for p in protocols.split(b",")) if s]
-
-
-def _closed_or_broken(sock_fileno: int) -> trio.ClosedResourceError | trio.BrokenResourceError:
-    return trio.ClosedResourceError() if sock_fileno == -1 else trio.BrokenResourceError()
-
-
-class _RawTrioStream(trio.abc.Stream):
-    """A connection's :class:`RawStream` as a trio stream, for trio-websocket.
-
-    The same socket object (one owner of the descriptor: closed by ``RawStream.close``).
-    Reads take up to ``RECV_BYTES`` with ``recv`` (no 4 KiB buffer), writes go through
-    ``RawStream.send_all``; both are checkpoints as trio's ``SocketStream`` calls are.
-    """
-
-    def __init__(self, raw: RawStream) -> None:
-        self._raw = raw
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        sock, size = self._raw.sock, max_bytes or RECV_BYTES
-        await trio.lowlevel.checkpoint_if_cancelled()
-        waited = False
-        while True:
-            try:
-                data = sock.recv(size)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                waited = True
-                continue
-            except OSError as exc:
-                raise _closed_or_broken(sock.fileno()) from exc
-            if not waited:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            await self._raw.send_all(data)
-        except StreamBroken as exc:
-            raise _closed_or_broken(self._raw.sock.fileno()) from exc
-        await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.wait_writable(self._raw.sock)
-
-    async def aclose(self) -> None:
-        self._raw.close()
-        await trio.lowlevel.checkpoint()
-
-
-class ClientStream(trio.abc.Stream):
-    """The client connection as trio-websocket reads it: first the bytes the proxy already
-    read (in one piece: wsproto's h11 refuses a partial head over 16 KiB), then the
-    connection. ``closed``: trio-websocket closed it."""
-
-    def __init__(self, client: RawStream | trio.abc.Stream, replay: bytes) -> None:
-        self._stream = _RawTrioStream(client) if isinstance(client, RawStream) else client
-        self._replay = replay
-        self.closed = False
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._replay:
-            await trio.lowlevel.checkpoint()
-            data, self._replay = self._replay, b""
-            return data
-        return await self._stream.receive_some(max_bytes or RECV_BYTES)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        self.closed = True
-        await self._stream.aclose()
 
 
 async def close_ws(ws: WebSocketConnection, code: int, reason: str) -> None:
@@ -404,13 +330,15 @@ class Handshake:
             host = next((v for n, v in up.headers if n.lower() == b"host"), host)
         headers = self.upstream_headers(host)
         ws: WebSocketConnection | None = None
+        cap: RefusalCap | None = None
         with trio.move_on_after(up.timeouts.connect) as timer:
             self.upstream = await self._connect(up)
+            cap = RefusalCap(self.upstream.stream)
             with trio.CancelScope() as scope:
                 reader.watch = client.watch = scope  # either reader ending stops the wait
                 ws = await wrap_client_stream(
                     reader.nursery,
-                    cast("trio.SocketStream", self.upstream.stream),  # any trio stream works
+                    cast("trio.SocketStream", cap),  # any trio stream works
                     host.decode("ascii"),  # trio-websocket sends Host itself
                     up.resource.decode("ascii"),
                     subprotocols=subprotocols,
@@ -430,6 +358,11 @@ class Handshake:
             )
         if not reader.done:
             raise ClientGone("client went away during the WebSocket handshake")
+        if cap is not None and cap.too_large:
+            raise UpstreamProtocolError(
+                f"WebSocket refusal from {where} larger than {MAX_REFUSAL_BODY // 1024} KiB",
+                detail=f"{address}: refusal body over {MAX_REFUSAL_BODY} bytes",
+            )
         if isinstance(reader.error, ConnectionRejected):
             self.rejected = reader.error
             return None

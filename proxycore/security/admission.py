@@ -12,7 +12,11 @@ Order (each step only runs if the one before admitted the request):
 
 A :class:`Security` is built per config snapshot (secrets and tokens are read
 then, so a reload re-reads them); exchanges in flight keep the one they started
-with.
+with. The rate-limit state is the exception: a route whose prefix, inbound mode
+and ``rate_limit`` settings are unchanged by a reload keeps its token buckets and
+concurrent-stream counts (the same objects), so a SIGHUP gives no caller a fresh
+budget, and a stream admitted before the reload frees its slot in the counts the
+new snapshot uses. A route whose limit changed starts afresh.
 """
 
 from __future__ import annotations
@@ -86,7 +90,11 @@ class GitPushDenied(Forbidden):
 class RouteGuard:
     """One route's admission rules, compiled once per config snapshot."""
 
-    def __init__(self, route: Route, mode: str, security: Security) -> None:
+    def __init__(
+        self, route: Route, mode: str, security: Security, previous: RouteGuard | None = None
+    ) -> None:
+        """``previous``: this prefix's guard in the snapshot being replaced (its rate-limit
+        state is carried over when the settings are the same)."""
         self.mode = mode
         self.security = security
         self.policy = Policy(
@@ -107,14 +115,19 @@ class RouteGuard:
         if mode == "bearer":
             drop.add(b"authorization")  # the proxy's own secret never goes upstream
         self.drop = frozenset(drop)
-        limit = route.rate_limit
+        limit = self.rate_limit = route.rate_limit
         self.rate_key = limit.key if limit else ""
-        self.bucket = TokenBucket(limit.requests_per_second, limit.burst) if limit else None
-        self.streams = (
-            ConcurrencyLimit(limit.max_concurrent_streams)
-            if limit and limit.max_concurrent_streams
-            else None
-        )
+        self.bucket: TokenBucket | None
+        self.streams: ConcurrencyLimit | None
+        if previous is not None and (previous.rate_limit, previous.mode) == (limit, mode):
+            self.bucket, self.streams = previous.bucket, previous.streams  # same settings
+        else:
+            self.bucket = TokenBucket(limit.requests_per_second, limit.burst) if limit else None
+            self.streams = (
+                ConcurrencyLimit(limit.max_concurrent_streams)
+                if limit and limit.max_concurrent_streams
+                else None
+            )
 
     async def admit(
         self,
@@ -213,10 +226,11 @@ class Security:
     """Everything admission needs for one config snapshot.
 
     Raises :class:`SecretError` when the inbound secret file is unusable (the
-    proxy refuses to start, or a reload is refused).
+    proxy refuses to start, or a reload is refused). ``previous`` is the snapshot's
+    ``Security`` being replaced by a reload (rate-limit state carried per route).
     """
 
-    def __init__(self, config: Config, pool: Pool) -> None:
+    def __init__(self, config: Config, pool: Pool, previous: Security | None = None) -> None:
         inbound = config.inbound
         self.identity_targets = frozenset(
             name.lower().encode("ascii") for name in inbound.identity_targets
@@ -231,8 +245,11 @@ class Security:
         self.forward_auth = (
             ForwardAuth(inbound, pool) if "forward_auth" in modes and inbound.url else None
         )
-        self._guards = {
-            route.prefix: RouteGuard(route, config.inbound_mode(route), self)
+        before = previous._guards if previous is not None else {}
+        self._guards: dict[str, RouteGuard] = {
+            route.prefix: RouteGuard(
+                route, config.inbound_mode(route), self, before.get(route.prefix)
+            )
             for route in config.routes
         }
 

@@ -237,7 +237,7 @@ async def test_stream_silent_past_idle_is_cut_at_idle() -> None:
 
 
 async def test_stalled_request_body_times_out_with_408_and_closes_upstream() -> None:
-    """Idle applies to the request body too: half a body, then silence past ``idle``."""
+    """``client_body`` bounds the request body: half a body, then silence past it."""
     upstream_body = bytearray()
     upstream_closed = trio.Event()
     upstream_closed_at: list[float] = []
@@ -253,7 +253,7 @@ async def test_stalled_request_body_times_out_with_408_and_closes_upstream() -> 
         async with trio.open_nursery() as nursery:
             port = await start_raw_server(nursery, upstream)
             host, pport = await start_proxy(
-                nursery, f"http://127.0.0.1:{port}/", timeouts=Timeouts(idle=IDLE)
+                nursery, f"http://127.0.0.1:{port}/", timeouts=Timeouts(client_body=IDLE)
             )
             async with await trio.open_tcp_stream(host, pport) as client:
                 start = trio.current_time()
@@ -472,8 +472,10 @@ async def test_silent_new_connection_is_closed_quietly_after_header_timeout() ->
             host, port = await start_proxy(
                 nursery, UNUSED_UPSTREAM, server={"header_timeout": SHORT}
             )
+            # Timed from before the connect: the proxy's clock starts at its accept, which
+            # may come before open_tcp_stream returns here.
+            start = trio.current_time()
             async with await trio.open_tcp_stream(host, port) as client:
-                start = trio.current_time()
                 assert await wait_eof(client) == b"", "expected a quiet close, without a response"
                 closed = trio.current_time() - start
                 assert closed >= SHORT

@@ -24,7 +24,13 @@ Writes are recorded in :attr:`ScriptedStream.writes` (one ``bytes`` per
 makes writes fail with ``StreamBroken`` once ``n`` bytes were accepted (the
 failing write records its first bytes up to ``n``). ``block_writes()`` makes
 every ``send_all`` wait (a sink that does not drain) until
-``unblock_writes()``.
+``unblock_writes()``, at most ``send_timeout`` (then ``SendTimeout``, as on the real
+streams); ``partial_on_block=n`` makes a blocked ``send_all`` first
+accept ``n`` bytes of its payload (a kernel buffer that took part of the write).
+
+Like the real streams, a ``send_all`` that fails or is cancelled after some of
+its bytes were accepted sets :attr:`ScriptedStream.write_cut`, and every later
+``send_all`` raises ``StreamBroken`` at once.
 
 Both directions checkpoint like the real streams do, and raise
 ``StreamBroken`` after :meth:`ScriptedStream.close`.
@@ -47,7 +53,7 @@ from typing import Final, Literal, TypeAlias
 
 import trio
 
-from proxycore.net.stream import Buffer, StreamBroken
+from proxycore.net.stream import NO_SEND_TIMEOUT, Buffer, SendTimeout, StreamBroken
 
 __all__ = ["EOF", "Pause", "ScriptItem", "ScriptedStream", "trickle"]
 
@@ -93,6 +99,11 @@ class ScriptedStream:
         self._write_gate: trio.Event | None = None
         self._break_after = break_after
         self._nwritten = 0
+        self._partial = 0
+        self._cut = False
+        #: As on the real streams: a blocked write waits at most this long (trio clock),
+        #: then raises ``SendTimeout`` and cuts the stream.
+        self.send_timeout: float = NO_SEND_TIMEOUT
         self.writes: list[bytes] = []
         self.write_times: list[float] = []
         self.reads = 0
@@ -115,10 +126,22 @@ class ScriptedStream:
         """The items not read yet (a partly read chunk shows its rest)."""
         return list(self._script)
 
-    def block_writes(self) -> None:
-        """From now on ``send_all`` waits (nothing recorded) until :meth:`unblock_writes`."""
+    def block_writes(self, partial_on_block: int = 0) -> None:
+        """From now on ``send_all`` waits until :meth:`unblock_writes`; it first accepts
+        (records) ``partial_on_block`` bytes of its payload, the rest once unblocked."""
+        self._partial = partial_on_block
         if self._write_gate is None:
             self._write_gate = trio.Event()
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes accepted so far (as on the real streams, a cut write's part included)."""
+        return self._nwritten
+
+    @property
+    def write_cut(self) -> bool:
+        """A write failed or was cancelled after some of its bytes were accepted."""
+        return self._cut
 
     def unblock_writes(self) -> None:
         if self._write_gate is not None:
@@ -154,17 +177,33 @@ class ScriptedStream:
             return n
 
     async def send_all(self, data: Buffer) -> None:
+        if self._cut:
+            raise StreamBroken("write cut")
         await trio.lowlevel.checkpoint()
-        while self._write_gate is not None:
-            await self._write_gate.wait()
+        chunk = bytes(data)
+        if self._write_gate is not None:
+            partial = 0 < self._partial < len(chunk)
+            if partial:
+                self._record(chunk[: self._partial])
+                chunk = chunk[self._partial :]
+            try:
+                with trio.move_on_after(self.send_timeout) as scope:
+                    while self._write_gate is not None:
+                        await self._write_gate.wait()
+            except BaseException:
+                self._cut = self._cut or partial
+                raise
+            if scope.cancelled_caught:
+                self._cut = True
+                raise SendTimeout(f"peer accepted no bytes for {self.send_timeout:g} s")
         if self.closed:
             raise StreamBroken("EBADF")
-        chunk = bytes(data)
         if self._break_after is not None:
             room = self._break_after - self._nwritten
             if len(chunk) > room:
                 if room > 0:
                     self._record(chunk[:room])
+                self._cut = True
                 raise StreamBroken("EPIPE")
         self._record(chunk)
 

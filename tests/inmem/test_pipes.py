@@ -131,12 +131,13 @@ async def test_length_read_error_is_source_failed() -> None:
 
 async def test_length_write_error_is_sink_failed_with_moved() -> None:
     """``StreamBroken`` on a write maps to ``SinkFailed``; ``moved`` counts only the writes
-    that completed."""
+    that completed (the sink's ``bytes_sent`` has the part of the failed one)."""
     src = ScriptedStream([b"abcd", b"efgh", b"ijkl"])
     dst = ScriptedStream(break_after=6)
     with pytest.raises(SinkFailed) as info:
         await pump_length(src, dst, bytearray(CHUNK), 12, IDLE)
     assert info.value.moved == 4
+    assert dst.bytes_sent == 6 == len(dst.written)
     assert src.reads == 2  # stopped at the failed write: the third read never happened
 
 
@@ -369,15 +370,17 @@ async def test_idle_is_per_gap_and_expires_exactly(
 async def test_idle_covers_a_write_that_cannot_proceed(
     autojump_clock: MockClock, pump: Pump, first: bytes, out: bytes
 ) -> None:
-    """A sink that never drains is idleness too: ``IdleTimeout`` at ``idle``."""
+    """A sink that never drains is bounded by ``idle`` too, and it is the sink's failure
+    (``SinkFailed``), not the source's silence (``IdleTimeout``)."""
     src = ScriptedStream([first])
     dst = ScriptedStream()
     dst.block_writes()
     start = trio.current_time()
-    with pytest.raises(IdleTimeout) as info:
+    with pytest.raises(SinkFailed) as info:
         await pump(src, dst, bytearray(CHUNK))
     assert trio.current_time() - start == IDLE
     assert info.value.moved == 0
+    assert "write stalled" in str(info.value)
 
 
 # --------------------------------------------------------------------------- backpressure

@@ -21,7 +21,7 @@ from trio.testing import MockClock
 from proxycore.http.sse import BOM, HEARTBEAT, SSEEvent, SSEParser, error_event
 from proxycore.net.pipe import CHUNK, FramingError, IdleTimeout, SinkFailed, SourceFailed
 from proxycore.net.stream import StreamBroken
-from proxycore.proxy.sse_relay import SSERelay
+from proxycore.proxy.sse_relay import HOLD_MAX, SSERelay
 from tests.inmem.scripted import EOF, Pause, ScriptedStream, ScriptItem
 
 LAST_CHUNK: Final = b"0\r\n\r\n"
@@ -89,9 +89,12 @@ async def test_heartbeat_cadence_during_silence(autojump_clock: MockClock) -> No
     ]
 
 
-async def test_no_heartbeat_in_the_middle_of_an_event(autojump_clock: MockClock) -> None:
-    """Half an event, 40 s of silence, the rest: no keep-alive between the halves (the
-    parser is not at a boundary); the cadence resumes 15 s after the event completes."""
+async def test_a_partial_event_is_held_and_heartbeats_go_on_around_it(
+    autojump_clock: MockClock,
+) -> None:
+    """Half an event, 40 s of silence, the rest: the half is held back (the client stays
+    between events), so keep-alives go on at 15 and 30 s, and the whole event goes out
+    at 40 s in one write; the cadence resumes 15 s after it."""
     halves = (b"data: par", b"tial\n\n")
     up = ScriptedStream(
         [chunk(halves[0]), Pause(40), chunk(halves[1]), Pause(20), LAST_CHUNK, b"never"]
@@ -99,7 +102,12 @@ async def test_no_heartbeat_in_the_middle_of_an_event(autojump_clock: MockClock)
     down = ScriptedStream()
     start = trio.current_time()
     await make_relay(up, down).run(b"", "chunked", 0)
-    assert timeline(down, start) == [(0, halves[0]), (40, halves[1]), (55, HEARTBEAT)]
+    assert timeline(down, start) == [
+        (15, HEARTBEAT),
+        (30, HEARTBEAT),
+        (40, b"data: partial\n\n"),
+        (55, HEARTBEAT),
+    ]
     assert up.script_left == [b"never"]  # the relay stops reading at the last chunk
 
 
@@ -155,25 +163,24 @@ async def test_idle_is_per_gap_between_upstream_reads(autojump_clock: MockClock)
 async def test_heartbeat_never_lands_inside_an_event_written_to_a_slow_client(
     autojump_clock: MockClock,
 ) -> None:
-    """A client that does not read: the first half of an event is being written (blocked)
-    when the heartbeat falls due at 15 s. The heartbeat waits for the write (one writer
-    at a time) and then sees the parser mid-event and the clock re-armed: it must not go
-    out between the halves."""
-    halves = (b"data: " + b"p" * 100, b"tial\n\n")
-    up = ScriptedStream([Pause(10), halves[0]])
+    """An event larger than the hold: once it outgrew ``HOLD_MAX`` its start goes out
+    (here to a client that does not read: the write blocks 10 -> 20 s while the heartbeat
+    falls due at 15 s). From then on the client is mid-event: no keep-alive may go out
+    (due at 35 and 50 s) until the rest of the event arrived at 60 s."""
+    big = b"data: " + b"p" * (HOLD_MAX - 5)  # HOLD_MAX + 1 bytes, no line end
+    rest = b"tial\n\n"
+    up = ScriptedStream([Pause(10), big, Pause(40), rest, EOF])
     down = ScriptedStream()
     down.block_writes()
     relay = make_relay(up, down)
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(relay.run, b"", "close", 0)
-        await trio.sleep(20)  # the write of the first half blocks; the beat falls due
+        await trio.sleep(20)  # the write of the event's start blocks; the beat falls due
         assert down.writes == []
         down.unblock_writes()  # the client catches up
-        await trio.testing.wait_all_tasks_blocked()
-        up.feed(halves[1], EOF)  # close-delimited: the relay returns
-    assert timeline(down, start) == [(20, halves[0]), (20, halves[1])]
-    assert [e.data for e in SSEParser().feed(down.written)] == ["p" * 100 + "tial"]
+    assert timeline(down, start) == [(20, big), (60, rest)]
+    assert [e.data for e in SSEParser().feed(down.written)] == [big[6:].decode() + "tial"]
 
 
 async def test_a_heartbeat_is_one_chunk_on_a_chunked_client(autojump_clock: MockClock) -> None:
@@ -282,8 +289,9 @@ async def test_upstream_failure_then_one_error_event_at_a_boundary(
     kind: str, script: list[ScriptItem], length: int, mid_event: bool
 ) -> None:
     """An upstream that dies after the head (reset, EOF before the body's end) is a
-    ``SourceFailed``; ``finish(error)`` then writes the error event at an event boundary
-    (closing a half event first) and the last chunk: a clean end the browser parses."""
+    ``SourceFailed``; ``finish(error)`` then writes the error event right after the last
+    complete event (the start of an unfinished one was held back, and is dropped) and
+    the last chunk: a clean end the browser parses, no partial event dispatched."""
     if mid_event:
         script = [*script[:-1], b"data: par" if kind != "chunked" else chunk(b"data: par")]
         script.append(StreamBroken("ECONNRESET") if kind != "length" else EOF)
@@ -295,7 +303,8 @@ async def test_upstream_failure_then_one_error_event_at_a_boundary(
     await relay.finish(ERROR)
     payloads = unchunk(down.writes[:-1])
     assert down.writes[-1] == LAST_CHUNK
-    assert payloads[-1] == (b"\n\n" if mid_event else b"") + ERROR
+    assert payloads[-1] == ERROR
+    assert b"data: par" not in down.written, "the unfinished event was held, then dropped"
     parser = SSEParser()
     events = parser.feed(b"".join(payloads))
     assert parser.at_boundary
@@ -320,10 +329,11 @@ async def test_malformed_chunked_upstream_is_framing_error() -> None:
 async def test_a_long_event_is_relayed_in_bounded_reads_and_kept_bounded(
     autojump_clock: MockClock,
 ) -> None:
-    """One 100 KB event, the parser bounded to 1 KiB, 20 s pauses inside the event: every
-    byte reaches the client as it arrives (reads of at most 4 KiB, none held back until
-    the event ends), no heartbeat is inserted inside it, the parser keeps only a bounded
-    start of it (``truncated``) and still finds the boundary after it."""
+    """One 100 KB event, the parser bounded to 1 KiB, 20 s pauses inside the event: its
+    first ``HOLD_MAX`` bytes are held (heartbeats still go out meanwhile: the client is
+    between events), then it goes out as it arrives in reads of at most 4 KiB, with no
+    heartbeat inside it; the relay holds at most ``HOLD_MAX`` + one read, the parser
+    keeps only a bounded start of it (``truncated``) and still finds the boundary."""
     event = b"data: " + b"x" * 100_000 + b"\n\n"
     parts: list[ScriptItem] = []
     for i in range(0, len(event), 10_000):
@@ -338,16 +348,18 @@ async def test_a_long_event_is_relayed_in_bounded_reads_and_kept_bounded(
 
     relay = make_relay(up, down, parser=parser, on_event=on_event)
     await relay.run(b"", "close", 0)
-    assert HEARTBEAT not in down.written[: len(event)]
-    assert down.written.startswith(event)
+    at = down.written.index(b"data: ")
+    assert HEARTBEAT in down.written[:at], "heartbeats go on while the start is held"
+    assert down.written[at : at + len(event)] == event, "no heartbeat inside the event"
     assert down.written.replace(HEARTBEAT, b"") == event + b"data: after\n\n"
-    assert max(len(w) for w in down.writes) <= CHUNK
-    assert len(down.writes) >= len(event) // CHUNK
+    assert max(len(w) for w in down.writes) <= HOLD_MAX + CHUNK
+    sizes = [len(w) for w in down.writes if w != HEARTBEAT]
+    assert sizes[0] > HOLD_MAX and max(sizes[1:-1]) <= CHUNK
     assert parser.truncated
     assert len(seen) == 2
     assert 0 < len(seen[0].data) <= 1024
     assert seen[1].data == "after"
-    assert HEARTBEAT in down.written[len(event) :], "the cadence resumes after the event"
+    assert HEARTBEAT in down.written[at + len(event) :], "the cadence resumes after the event"
 
 
 async def test_the_hook_runs_after_the_client_got_the_event() -> None:

@@ -632,8 +632,8 @@ def test_spec_error_examples(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, text)
     assert problems == (
         f"{path}: server.max_connections: expected an integer, got string '10'",
-        f"{path}: routes[0].timeouts.respnse: unknown key (known: connect, response, idle, total)"
-        "; did you mean 'response'?",
+        f"{path}: routes[0].timeouts.respnse: unknown key (known: connect, response, idle, total,"
+        " send, client_body); did you mean 'response'?",
         f"{path}: routes[1].upstream: scheme must be http or https, got 'ftp'",
     )
 
@@ -666,7 +666,7 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
         (
             "[timeouts]\nconect = 5\n" + ROUTE,
             "timeouts.conect: unknown key (known: connect, "
-            "response, idle, total); did you mean 'connect'?",
+            "response, idle, total, send, client_body); did you mean 'connect'?",
         ),
         (
             "[pool]\nzzz = 5\n" + ROUTE,
