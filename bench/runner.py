@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict", action="store_true", help="exit 1 if any scenario or measurement failed"
     )
+    p.add_argument(
+        "--soak",
+        action="store_true",
+        help="run the fault soak instead (bench/soak.py; its options: python -m bench --soak "
+        "--help)",
+    )
     return p
 
 
@@ -460,6 +466,11 @@ def _print_markdown(markdown: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--soak" in argv:  # the fault soak has its own options (bench/soak.py)
+        from bench.soak import main as soak_main
+
+        return soak_main([a for a in argv if a != "--soak"])
     args = build_parser().parse_args(argv)
     if args.rounds < 1:
         print("--rounds must be at least 1", file=sys.stderr)
