@@ -1,4 +1,4 @@
-"""The ``proxycore`` command: serve, check, demo."""
+"""The ``proxycore`` command: serve, check, tunnel, demo."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from ..cli import loadtest as loadtest_cli
+from ..cli import tunnel as tunnel_cli
 from ..config import AdminSettings, Config, ConfigError, Route
 from ..observe.accesslog import configure_logging
 from ..ops.server import Server
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         "loadtest", help="load-test any HTTP/1.1 server (latency to first byte, SSE delay)"
     )
     loadtest_cli.add_arguments(loadtest)
+
+    tunnel = sub.add_parser(
+        "tunnel", help="connect a local stdio MCP server out to a tunnel gateway"
+    )
+    tunnel_cli.add_arguments(tunnel)
 
     demo = sub.add_parser("demo", help="run a built-in LLM-like upstream behind the proxy")
     demo.add_argument("--requests", type=int, default=3, help="streamed requests to send")
@@ -258,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_secret(args)
     if args.command == "reload":
         return _cmd_reload(args)
+    if args.command == "tunnel":
+        return tunnel_cli.run(args)
     if args.command == "loadtest":
         return loadtest_cli.run(args)
     if args.command == "check":

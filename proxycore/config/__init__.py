@@ -14,6 +14,7 @@ from .model import (
     ServerSettings,
     SSESettings,
     Timeouts,
+    Tunnel,
     WebSocketSettings,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "SSESettings",
     "ServerSettings",
     "Timeouts",
+    "Tunnel",
     "Upstream",
     "WebSocketSettings",
 ]

@@ -39,6 +39,7 @@ from ..config.model import (
     ServerSettings,
     SSESettings,
     Timeouts,
+    Tunnel,
     WebSocketSettings,
 )
 
@@ -60,6 +61,7 @@ class Config:
     pool: PoolSettings = PoolSettings()
     inbound: Inbound = Inbound()
     admin: AdminSettings = AdminSettings()
+    tunnel: Tunnel = Tunnel()
     source: str | None = None
 
     def __post_init__(self) -> None:
@@ -79,7 +81,10 @@ class Config:
         instance(p, self, "pool", PoolSettings)
         instance(p, self, "inbound", Inbound)
         instance(p, self, "admin", AdminSettings)
+        instance(p, self, "tunnel", Tunnel)
         typed(p, self, "source", str, optional=True)
+        if not p.items:
+            self._add_tunnel_route(p)
         if not p.items:
             for index, route in enumerate(self.routes):
                 mode = self.inbound_mode(route)
@@ -88,6 +93,36 @@ class Config:
                 if mode == "forward_auth" and not self.inbound.url:
                     p.add(f"routes[{index}].inbound", "'forward_auth' needs inbound.url")
         p.check()
+
+    def _add_tunnel_route(self, p: Problems) -> None:
+        """With ``[tunnel] enabled``, append :meth:`tunnel_route` (once: a copy of this
+        config keeps it); a user route on its prefix is an error."""
+        synthetic = self.tunnel_route()
+        if synthetic is None:
+            return
+        stem = Tunnel.ROUTE_PREFIX.rstrip("/")
+        for index, route in enumerate(self.routes):
+            if route != synthetic and (route.prefix + "/").startswith(stem + "/"):
+                p.add(f"routes[{index}].prefix", f"{stem}/ is taken by [tunnel] (enabled)")
+        if synthetic not in self.routes:
+            object.__setattr__(self, "routes", (*self.routes, synthetic))
+
+    def tunnel_route(self) -> Route | None:
+        """The synthetic route the tunnel is served on (None when it is off): the normal
+        admission (auth, policy, rate limits, hooks, access log) runs on it, then the
+        exchange hands the request to the tunnel. Frames over ``max_message_bytes`` get an
+        ``error`` from the gateway; only frames over four times that are cut (1009)."""
+        if not self.tunnel.enabled:
+            return None
+        ws = WebSocketSettings(
+            max_message_bytes=4 * self.tunnel.max_message_bytes, ping_interval=0.0
+        )
+        return Route(
+            Tunnel.ROUTE_PREFIX, "http://127.0.0.1:9/", name="tunnel", websocket=True, ws=ws
+        )
+
+    def is_tunnel_route(self, route: Route) -> bool:
+        return self.tunnel.enabled and route == self.tunnel_route()
 
     def inbound_mode(self, route: Route) -> str:
         """The route's inbound authentication mode (its own, or the global one)."""
@@ -108,7 +143,8 @@ class Config:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a table at the top level, got {describe(raw)}")
         p = Problems()
-        _check_keys(p, raw, "", ("server", "timeouts", "pool", "inbound", "admin", "routes"))
+        known = ("server", "timeouts", "pool", "inbound", "admin", "tunnel", "routes")
+        _check_keys(p, raw, "", known)
         server = _build(p, ServerSettings, raw.get("server", {}), "server")
         timeouts = _build(p, Timeouts, raw.get("timeouts", {}), "timeouts") or Timeouts()
         pool = _build(p, PoolSettings, raw.get("pool", {}), "pool")
@@ -119,11 +155,12 @@ class Config:
             inbound_table = {**inbound_table, "secret_file": secret_file}
         inbound = _build(p, Inbound, inbound_table, "inbound")
         admin = _build(p, AdminSettings, raw.get("admin", {}), "admin")
+        tunnel = _build(p, Tunnel, raw.get("tunnel", {}), "tunnel")
         routes: list[tuple[int, Route]] = []
         raw_routes = raw.get("routes", ())
         if not isinstance(raw_routes, list | tuple):
             p.add("routes", f"expected an array of tables, got {describe(raw_routes)}")
-        elif not raw_routes:
+        elif not raw_routes and not (tunnel is not None and tunnel.enabled):
             p.add("routes", "at least one [[routes]] table is required")
         else:
             for index, table in enumerate(raw_routes):
@@ -139,6 +176,7 @@ class Config:
             pool=pool or PoolSettings(),
             inbound=inbound or Inbound(),
             admin=admin or AdminSettings(),
+            tunnel=tunnel or Tunnel(),
             source=source,
         )
 

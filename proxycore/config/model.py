@@ -44,6 +44,7 @@ __all__ = [
     "SSESettings",
     "ServerSettings",
     "Timeouts",
+    "Tunnel",
     "WebSocketSettings",
 ]
 
@@ -426,3 +427,57 @@ class AdminSettings:
     @property
     def address(self) -> tuple[str, int] | None:
         return parse_listen(self.listen) if self.listen is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """The reverse-tunnel gateway (``[tunnel]``, docs/tunnel.md): clients connect out over a
+    WebSocket on ``path`` and register a local MCP server; ``api_prefix`` serves the sessions
+    over HTTP. Seconds and bytes; ``allowed`` empty = every authenticated identity may open
+    a session; ``admins`` see and use every session."""
+
+    enabled: bool = False
+    path: str = "/reverse-proxy/ws"
+    api_prefix: str = "/reverse-proxy/sessions"
+    heartbeat_interval: float = 30.0
+    heartbeat_timeout: float = 90.0
+    request_timeout: float = 90.0
+    max_sessions: int = 1000
+    max_sessions_per_owner: int = 20
+    max_pending_requests: int = 64
+    max_message_bytes: int = 1024 * 1024
+    allowed: tuple[str, ...] = ()
+    admins: tuple[str, ...] = ()
+
+    #: The prefix of the synthetic route the gateway is served on.
+    ROUTE_PREFIX = "/reverse-proxy/"
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        typed(p, self, "enabled", bool)
+        for name in ("path", "api_prefix"):
+            value = typed(p, self, name, str)
+            if value is not None and (
+                not value.startswith(self.ROUTE_PREFIX) or value == self.ROUTE_PREFIX
+            ):
+                p.add(name, f"must be a path under {self.ROUTE_PREFIX}, got {value!r}")
+            elif value is not None and _bad_path(value):
+                p.add(name, f"must be a plain path (no query or dot segments), got {value!r}")
+        if self.path == self.api_prefix or self.path.startswith(self.api_prefix.rstrip("/") + "/"):
+            p.add("path", "must not be under api_prefix")
+        number(p, self, "heartbeat_interval", zero_ok=False)
+        number(p, self, "heartbeat_timeout", zero_ok=False)
+        number(p, self, "request_timeout", zero_ok=False)
+        integer(p, self, "max_sessions", 1)
+        integer(p, self, "max_sessions_per_owner", 1)
+        integer(p, self, "max_pending_requests", 1)
+        integer(p, self, "max_message_bytes", 1024)
+        _string_tuple(p, self, "allowed")
+        _string_tuple(p, self, "admins")
+        p.check()
+
+
+def _bad_path(path: str) -> bool:
+    if any(c in "?#%" or c.isspace() or not c.isprintable() for c in path):
+        return True
+    return any(segment in (".", "..") for segment in path.split("/"))

@@ -70,6 +70,8 @@ class Gauges(NamedTuple):
     #: Idle and busy upstream connections per origin.
     pool_idle: Mapping[Origin, int]
     pool_busy: Mapping[Origin, int]
+    #: Open tunnel sessions (``[tunnel]``).
+    tunnel_sessions: int = 0
 
 
 class _StateCollector(Collector):
@@ -106,6 +108,11 @@ class _StateCollector(Collector):
             pool.add_metric([name, "idle"], idle.get(origin, 0))
             pool.add_metric([name, "busy"], busy.get(origin, 0))
         yield pool
+        yield GaugeMetricFamily(
+            "proxycore_tunnel_sessions",
+            "Open reverse-tunnel sessions.",
+            value=now.tunnel_sessions,
+        )
 
 
 class Metrics:
@@ -158,6 +165,18 @@ class Metrics:
             ["errno"],
             registry=reg,
         )
+        self.tunnel_requests = Counter(
+            "proxycore_tunnel_requests",
+            "Calls through tunnel sessions, by outcome (ok, timeout, closed, too_many_pending).",
+            ["outcome"],
+            registry=reg,
+        )
+        self.tunnel_round_trip = Histogram(
+            "proxycore_tunnel_round_trip_seconds",
+            "Time from a call sent down a tunnel session to its response.",
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
         reg.register(_StateCollector(gauges))
         self._routes: dict[str, _RouteMetrics] = {}
 
@@ -179,6 +198,12 @@ class Metrics:
             children.bytes_out.inc(record.bytes_out)
         if record.error_kind:
             self.upstream_errors.labels(route, record.error_kind).inc()
+
+    def observe_tunnel_call(self, outcome: str, seconds: float) -> None:
+        """Account one call through a tunnel session (round trip only when answered)."""
+        self.tunnel_requests.labels(outcome).inc()
+        if outcome == "ok":
+            self.tunnel_round_trip.observe(seconds)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

@@ -38,6 +38,7 @@ from ..errors import (
     ClientGone,
     DownstreamError,
     MethodNotAllowed,
+    NoRoute,
     ProxyError,
     UpstreamError,
 )
@@ -62,8 +63,11 @@ from ..proxy.sse_relay import sse_error_reply
 from ..proxy.state import ProxyState, Snapshot
 from ..proxy.upstream import UpstreamCall
 from ..proxy.websocket import relay_websocket
-from ..proxy.ws_handshake import UpgradeRequest
+from ..proxy.ws_handshake import ClientStream, UpgradeRequest, check_client
 from ..security.admission import Admission
+from ..tunnel import http_api
+from ..tunnel.gateway import serve_session
+from ..tunnel.sessions import Caller
 
 __all__ = ["Downstream", "Exchange", "ExchangeOutcome"]
 
@@ -161,7 +165,9 @@ class Exchange:
             # happens) or its headers (the upstream handshake's).
             if ledger.hooks.on_request is not None and await self._on_request(view, body):
                 return self._outcome()
-            if upgrade:
+            if self.snapshot.config.is_tunnel_route(match.route):
+                await self._tunnel(match, view, admission, upgrade, expect)
+            elif upgrade:
                 await self._upgrade(match, view, admission)
             else:
                 await self._forward(match, view.query, framing, expect, admission)
@@ -232,13 +238,56 @@ class Exchange:
         ledger.record.bytes_out = len(payload)
         return True
 
-    async def _upgrade(self, match: Match, view: TargetView, admission: Admission) -> None:
-        """Hand the connection to the WebSocket relay (it answers, or raises before any
-        byte went to the client)."""
+    async def _tunnel(
+        self, match: Match, view: TargetView, admission: Admission, upgrade: bool, expect: bool
+    ) -> None:
+        """A request on the ``[tunnel]`` route, admitted: the gateway's WebSocket, or the
+        sessions API (docs/tunnel.md). The caller is the admitted identity."""
+        settings, registry, ledger = self.snapshot.config.tunnel, self.state.tunnel, self.ledger
+        assert self.body is not None and registry is not None  # enabled: ProxyState made one
+        identity = admission.identity
+        caller = Caller(identity, bool(identity) and identity in settings.admins)
+        ledger.record.upstream = "tunnel"
+        api = view.path == settings.api_prefix or view.path.startswith(settings.api_prefix + "/")
+        if upgrade and view.path == settings.path:
+            up = self._upgrade_request(match, view, admission)
+            check_client(up)
+            stream = ClientStream(up.client, up.replay)
+            accepted = await serve_session(
+                stream, registry, caller, record=ledger.record, drain=self.state
+            )
+            self.sink.head_sent, self._linger = accepted, accepted and not stream.closed
+        elif api and not upgrade:
+            if expect:
+                await self.sink.send_continue()
+            idle = self.snapshot.config.timeouts_for(match.route).client_body
+            body = await self.body.read_all(http_api.body_limit(settings), idle)
+            request = http_api.ApiRequest(
+                method=self.method,
+                path=view.path,
+                query=view.query,
+                headers=self.headers,
+                body=body,
+                caller=caller,
+                request_id=ledger.request_id,
+                stream=self.client.stream,
+                registry=registry,
+                settings=settings,
+            )
+            self.sink.head_sent = True  # handle() answers; it never raises after the head
+            result = await http_api.handle(request)
+            ledger.record.status, ledger.record.bytes_out = result.status, result.bytes_out
+            self.sink.close = self.sink.close or result.close
+        else:
+            raise NoRoute("no tunnel endpoint at this path")
+
+    def _upgrade_request(
+        self, match: Match, view: TargetView, admission: Admission
+    ) -> UpgradeRequest:
         ledger, body = self.ledger, self.body
         assert body is not None
         hook = ledger.on_response_head if ledger.hooks.on_response_head is not None else None
-        up = UpgradeRequest(
+        return UpgradeRequest(
             target=self.request.target,
             headers=self.headers,
             http_11=self.client_11,
@@ -254,7 +303,12 @@ class Exchange:
             drain=self.state,
             response_head=hook,
         )
-        result = await relay_websocket(up, ledger.record)
+
+    async def _upgrade(self, match: Match, view: TargetView, admission: Admission) -> None:
+        """Hand the connection to the WebSocket relay (it answers, or raises before any
+        byte went to the client)."""
+        up = self._upgrade_request(match, view, admission)
+        result = await relay_websocket(up, self.ledger.record)
         self.sink.head_sent = result.head_sent
         self._linger = result.linger
 

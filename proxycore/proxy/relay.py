@@ -60,7 +60,7 @@ from ..net.pipe import (
     pump_until_close,
 )
 from ..net.pool import UpstreamConnection
-from ..net.stream import Stream, StreamBroken
+from ..net.stream import NO_SEND_TIMEOUT, Buffer, Stream, StreamBroken
 from ..observe.accesslog import ExchangeRecord
 from ..proxy.ledger import Ledger
 from ..proxy.sse_relay import relay_sse
@@ -196,10 +196,51 @@ class RawRequestBody:
         self.done = True
         return True
 
+    async def read_all(self, limit: int, idle: float) -> bytes:
+        """The whole body, without chunked framing, for a request the proxy answers itself
+        (the tunnel's API). Over ``limit`` bytes: :class:`PayloadTooLarge`."""
+        if self.declared > limit:
+            raise PayloadTooLarge(f"request body larger than {limit} bytes")
+        if not self.done:
+            sink = _Collector()
+            self.max_body = limit if self.max_body is None else min(self.max_body, limit)
+            await self.send_rest(sink, idle)  # never stops early: the collector takes all
+            self.start += bytes(sink.data)
+        return self.decoded()
+
     async def wait_gone(self) -> bool:
         # Bytes of a next request (or a body the upstream stopped reading) wait in the
         # socket: EOF can't be seen behind them, and the next cycle reads them anyway.
         return self.done and not self.leftover and await self._down.wait_closed()
+
+
+class _Collector:
+    """A :class:`Stream` that keeps what is written to it (a body read whole)."""
+
+    send_timeout = NO_SEND_TIMEOUT
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    async def recv_into(self, buf: bytearray, nbytes: int) -> int:
+        return 0
+
+    async def send_all(self, data: Buffer) -> None:
+        self.data += data
+
+    @property
+    def write_cut(self) -> bool:
+        return False
+
+    @property
+    def bytes_sent(self) -> int:
+        return len(self.data)
+
+    def has_pending_input(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
 
 
 class RawResponseSink:

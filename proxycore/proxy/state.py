@@ -19,6 +19,7 @@ from ..observe.metrics import Gauges, Metrics
 from ..observe.transcript import TranscriptWriters
 from ..proxy.hooks import Hooks
 from ..security.admission import Security
+from ..tunnel.sessions import Registry
 
 __all__ = ["ProxyState", "Snapshot"]
 
@@ -47,7 +48,10 @@ class ProxyState:
         #: Set whenever the last client connection closes.
         self.all_closed = trio.Event()
         self.all_closed.set()
+        #: The tunnel sessions of this process (made when ``[tunnel]`` is first enabled).
+        self.tunnel: Registry | None = None
         self.metrics = Metrics(self.gauges)
+        self.enable_tunnel(config)
 
     def gauges(self) -> Gauges:
         """The current state for the metrics collector (called once per scrape)."""
@@ -58,6 +62,7 @@ class ProxyState:
             config_generation=self.snapshot.generation,
             pool_idle=pool.counts(),
             pool_busy=dict(pool.busy),
+            tunnel_sessions=len(self.tunnel) if self.tunnel is not None else 0,
         )
 
     def connection_opened(self) -> None:
@@ -92,4 +97,14 @@ class ProxyState:
         snapshot = self.prepare(config, self.snapshot.generation + 1, self.snapshot)
         self.snapshot = snapshot
         self.pool.settings = config.pool
+        self.enable_tunnel(config)
         return snapshot
+
+    def enable_tunnel(self, config: Config) -> None:
+        """Make the tunnel registry on the first config that enables it; later configs
+        change its limits and timeouts (sessions live on when it is turned off: their
+        route is gone, so they can only end)."""
+        if self.tunnel is not None:
+            self.tunnel.settings = config.tunnel
+        elif config.tunnel.enabled:
+            self.tunnel = Registry(config.tunnel, observe=self.metrics.observe_tunnel_call)

@@ -653,7 +653,7 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
     [
         (
             "rout = 1\n" + ROUTE,
-            "rout: unknown key (known: server, timeouts, pool, inbound, admin, routes); "
+            "rout: unknown key (known: server, timeouts, pool, inbound, admin, tunnel, routes); "
             "did you mean 'routes'?",
         ),
         (

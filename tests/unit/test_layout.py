@@ -31,10 +31,11 @@ LAYERS: Final[dict[str, int | None]] = {
     "net": 2,
     "observe": 3,
     "security": 4,
-    "proxy": 5,
-    "ops": 6,
-    "cli": 7,
-    "__main__": 7,
+    "tunnel": 5,
+    "proxy": 6,
+    "ops": 7,
+    "cli": 8,
+    "__main__": 8,
     "tools": None,
 }
 
