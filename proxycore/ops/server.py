@@ -37,6 +37,8 @@ from ..proxy.hooks import Hooks
 from ..proxy.state import ProxyState
 from ..security.admission import exposure_problem
 from ..security.secrets import SecretError
+from ..tunnel.relay import PEERS
+from ..tunnel.relay_server import serve_relay
 
 __all__ = ["AcceptErrors", "Server", "bind_listener", "serve"]
 
@@ -189,6 +191,8 @@ class Server:
                 if admin is not None:
                     app = AdminApp(self._is_ready, self._metrics)
                     self.admin_address = await nursery.start(serve_admin, app, *admin)
+                if PEERS is not None:  # a worker of serve --workers N: the tunnel relay
+                    await nursery.start(serve_relay, PEERS, lambda: state.tunnel)
                 for listener in listeners:
                     nursery.start_soon(self._listen, listener, limit)
                 for host, port in bound:

@@ -26,9 +26,11 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
@@ -105,6 +107,8 @@ class _Supervisor:
             self.base_cmd.append("--no-access-log")
         self.pid_path: str | None = args.pid_file
         self.workers = [_Worker(slot) for slot in range(count)]
+        #: The workers' private directory (mode 0700): their tunnel relay sockets.
+        self.relay_dir = tempfile.mkdtemp(prefix="proxycore-workers-")
         self.stopping = False
         self.forced = False
 
@@ -126,7 +130,13 @@ class _Supervisor:
             cmd = [*self.base_cmd, "--report-fd", str(write_fd)]
             worker.reload_pending = False  # a process started from now on reads the file anew
             try:
-                process = await trio.lowlevel.open_process(cmd, pass_fds=(write_fd,))
+                env = {
+                    **os.environ,
+                    "PROXYCORE_WORKER_INDEX": str(worker.slot),
+                    "PROXYCORE_WORKERS": str(len(self.workers)),
+                    "PROXYCORE_WORKER_DIR": self.relay_dir,
+                }
+                process = await trio.lowlevel.open_process(cmd, pass_fds=(write_fd,), env=env)
             finally:
                 os.close(write_fd)
             worker.process = process
@@ -286,4 +296,5 @@ def supervise(args: argparse.Namespace, config: Config, workers: int) -> int:
     finally:
         for sock in sup.reservations:
             sock.close()
+        shutil.rmtree(sup.relay_dir, ignore_errors=True)
     return 0

@@ -67,6 +67,7 @@ from ..proxy.ws_handshake import ClientStream, UpgradeRequest, check_client
 from ..security.admission import Admission
 from ..tunnel import http_api
 from ..tunnel.gateway import serve_session
+from ..tunnel.relay import PEERS
 from ..tunnel.sessions import Caller
 
 __all__ = ["Downstream", "Exchange", "ExchangeOutcome"]
@@ -273,6 +274,7 @@ class Exchange:
                 stream=self.client.stream,
                 registry=registry,
                 settings=settings,
+                peers=PEERS,
             )
             self.sink.head_sent = True  # handle() answers; it never raises after the head
             result = await http_api.handle(request)

@@ -19,6 +19,7 @@ from ..observe.metrics import Gauges, Metrics
 from ..observe.transcript import TranscriptWriters
 from ..proxy.hooks import Hooks
 from ..security.admission import Security
+from ..tunnel.relay import PEERS
 from ..tunnel.sessions import Registry
 
 __all__ = ["ProxyState", "Snapshot"]
@@ -107,4 +108,6 @@ class ProxyState:
         if self.tunnel is not None:
             self.tunnel.settings = config.tunnel
         elif config.tunnel.enabled:
-            self.tunnel = Registry(config.tunnel, observe=self.metrics.observe_tunnel_call)
+            prefix = PEERS.prefix if PEERS is not None else ""
+            observe = self.metrics.observe_tunnel_call
+            self.tunnel = Registry(config.tunnel, observe=observe, id_prefix=prefix)

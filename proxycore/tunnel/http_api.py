@@ -71,6 +71,7 @@ from ..tunnel.mcp_http import (
     rpc_error,
     wants_stream,
 )
+from ..tunnel.relay import Peers, forward, listed_elsewhere, named_elsewhere
 from ..tunnel.sessions import (
     Caller,
     CallTimeout,
@@ -110,6 +111,8 @@ class ApiRequest:
     stream: Stream  # the client stream: the response is written here
     registry: Registry
     settings: Tunnel
+    #: The sibling workers (``serve --workers N``); None: answer from this registry only.
+    peers: Peers | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,9 +208,18 @@ async def _dispatch(req: ApiRequest, reply: _Reply) -> None:
     if target.kind == "list":
         if req.method != b"GET":
             return await _not_allowed(reply, b"GET")
-        sessions = [s.as_dict() for s in req.registry.list(req.caller)]
+        sessions: list[object] = [s.as_dict() for s in req.registry.list(req.caller)]
+        if req.peers is not None:
+            sessions += await listed_elsewhere(req.peers, req.settings.api_prefix, req.caller)
         return await reply.send(200, dumps(sessions))
-    session = req.registry.find(target.key, req.caller)
+    elsewhere = _elsewhere(req, target.key) if req.peers is not None else None
+    session = None if elsewhere is not None else req.registry.find(target.key, req.caller)
+    if session is None and elsewhere is None and req.peers is not None:
+        elsewhere = await named_elsewhere(
+            req.peers, req.settings.api_prefix, target.key, req.caller
+        )
+    if elsewhere is not None:
+        return await _forward(req, reply, elsewhere)
     if session is None:  # unknown, or someone else's: the same answer
         return await reply.error(404, "not_found", "no such tunnel session")
     if target.kind == "session":
@@ -222,6 +234,51 @@ async def _dispatch(req: ApiRequest, reply: _Reply) -> None:
             return await _not_allowed(reply, b"GET")
         return await _stream(req, reply, session, "events")
     return await _mcp(req, reply, session)
+
+
+# -- other workers (serve --workers N: proxycore.tunnel.relay) ---------------------------
+
+
+def _elsewhere(req: ApiRequest, key: str) -> int | None:
+    """The other worker a session id names (an out-of-range one: this worker, 404)."""
+    assert req.peers is not None
+    owner = req.peers.owner_of(key)
+    if owner is None or owner == req.peers.index or owner >= req.peers.count:
+        return None
+    return owner
+
+
+def _target(req: ApiRequest) -> bytes:
+    path = req.path.encode()
+    return path + b"?" + req.query if req.query else path
+
+
+async def _forward(req: ApiRequest, reply: _Reply, index: int) -> None:
+    """The whole exchange relayed to worker ``index``, its answer copied byte for byte
+    (it ends with ``Connection: close``, so does this connection)."""
+    assert req.peers is not None
+    peers, reply.close = req.peers, True
+    sent = req.stream.bytes_sent
+
+    async def relay() -> None:
+        reply.status, reply.bytes_out = await forward(
+            peers,
+            index,
+            req.method,
+            _target(req),
+            req.headers,
+            req.body,
+            req.caller,
+            req.request_id,
+            req.stream,
+        )
+
+    try:  # the client going away cancels the relay (and closes the worker's socket)
+        if await _while_connected(req.stream, relay):
+            reply.status = reply.status or 499
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError):
+        if req.stream.bytes_sent == sent:
+            await reply.error(502, "worker_unreachable", "the session's worker did not answer")
 
 
 async def _not_allowed(reply: _Reply, allow: bytes) -> None:

@@ -176,7 +176,7 @@ class Session:
         send_frame: SendFrame,
         close_socket: CloseSocket,
     ) -> None:
-        self.id = secrets.token_urlsafe(16)
+        self.id = registry.id_prefix + secrets.token_urlsafe(16)
         self.owner, self.server_name = owner, server_name
         self.description, self.protocol = description, protocol
         self.connected_at = self.last_heartbeat = time.time()
@@ -344,7 +344,11 @@ class Session:
 class Registry:
     """The open sessions of this process (``ProxyState.tunnel``)."""
 
-    def __init__(self, settings: Tunnel, *, observe: CallObserver | None = None) -> None:
+    def __init__(
+        self, settings: Tunnel, *, observe: CallObserver | None = None, id_prefix: str = ""
+    ) -> None:
+        #: Starts every session id (``w<index>-`` under ``serve --workers N``).
+        self.id_prefix = id_prefix
         self.settings = settings
         self._sessions: dict[str, Session] = {}
         self._observe = observe
