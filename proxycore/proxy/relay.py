@@ -240,7 +240,7 @@ class _Collector:
         return False
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the collected bytes stay readable in ``data``."""
 
 
 class RawResponseSink:
