@@ -30,6 +30,7 @@ __all__ = [
     "NoRoute",
     "PayloadTooLarge",
     "ProxyError",
+    "SessionNotFound",
     "TooManyRequests",
     "Unauthorized",
     "UnsupportedVersion",
@@ -110,6 +111,15 @@ class NoRoute(ProxyError):
     status = 404
     type = "no_route"
     outcome = "no_route"
+
+
+class SessionNotFound(ProxyError):
+    """An MCP session id that no upstream of the route holds (forged, or its upstream is
+    gone): 404, so the client re-initializes, as the MCP specification says."""
+
+    status = 404
+    type = "session_not_found"
+    outcome = "session_not_found"
 
 
 class UpstreamError(ProxyError):

@@ -131,7 +131,7 @@ def route_table(config: Config) -> str:
         rows.append(
             (
                 route.prefix,
-                route.upstream,
+                route.upstream or f"group of {len(route.group)} ({route.balance})",
                 "yes" if route.strip_prefix else "no",
                 "client" if route.preserve_host else "upstream",
                 f"{t.connect:g}/{t.response:g}/{t.idle:g}/{t.total:g}",
@@ -142,7 +142,52 @@ def route_table(config: Config) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     listen = ", ".join(config.server.listen)
-    return f"listen: {listen}\n" + "\n".join(line.rstrip() for line in lines)
+    groups = [group_lines(route) for route in config.routes if route.upstreams is not None]
+    text = f"listen: {listen}\n" + "\n".join(line.rstrip() for line in lines)
+    return "\n".join([text, *(line for group in groups for line in group)])
+
+
+def group_lines(route: Route) -> list[str]:
+    """The upstream group of ``route`` as ``check`` prints it (tokens never read)."""
+    retry = route.retry_policy
+    on = ", ".join(retry.on)
+    lines = [
+        f"group {route.prefix}: balance {route.balance}"
+        + (f" on {route.hash_on}" if route.balance == "hash" else "")
+        + f"; retry {retry.attempts} tries on {on}, budget {retry.budget_percent:g}%"
+        + (f", per try {retry.per_try_timeout:g} s" if retry.per_try_timeout else "")
+        + (f"; affinity {route.affinity}" if route.affinity else "")
+    ]
+    if route.health_check is not None:
+        hc = route.health_check
+        lines.append(
+            f"  health: GET {hc.path} every {hc.interval:g} s (timeout {hc.timeout:g} s, "
+            f"down after {hc.unhealthy_threshold}, up after {hc.healthy_threshold})"
+        )
+    outlier = route.outlier_policy
+    if outlier is not None and outlier.consecutive_failures:
+        lines.append(
+            f"  outlier: eject after {outlier.consecutive_failures} failures in a row for "
+            f"{outlier.base_eject_seconds:g} s x times ejected, at most "
+            f"{outlier.max_ejected_percent:g}% of the group"
+        )
+    for spec in route.group:
+        target = spec.target
+        inject = "-"
+        if spec.inject is not None:
+            scheme = f"{spec.inject.scheme} " if spec.inject.scheme else ""
+            source = (
+                f"env:{spec.inject.token_env}"
+                if spec.inject.token_env
+                else f"file:{spec.inject.token_file}"
+            )
+            inject = f"{spec.inject.header}:{scheme}***({source})"
+        lines.append(
+            f"  - {spec.name}: {target.scheme}://{target.host_header}{target.base_path}"
+            f" weight {spec.weight}{' backup' if spec.backup else ''}"
+            f"{' host=client' if spec.preserve_host else ''} inject {inject}"
+        )
+    return lines
 
 
 def _inject_summary(route: Route) -> str:

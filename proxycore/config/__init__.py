@@ -3,6 +3,7 @@ together and loaded from TOML or legacy JSON by ``Config`` (``load``); every pro
 file, the key path and what is wrong."""
 
 from .checks import ConfigError, Upstream
+from .groups import HealthCheck, Outlier, RetryPolicy, UpstreamEntry, UpstreamSpec
 from .load import Config
 from .model import (
     AdminSettings,
@@ -22,15 +23,20 @@ __all__ = [
     "AdminSettings",
     "Config",
     "ConfigError",
+    "HealthCheck",
     "Inbound",
     "Inject",
+    "Outlier",
     "PoolSettings",
     "RateLimit",
+    "RetryPolicy",
     "Route",
     "SSESettings",
     "ServerSettings",
     "Timeouts",
     "Tunnel",
     "Upstream",
+    "UpstreamEntry",
+    "UpstreamSpec",
     "WebSocketSettings",
 ]

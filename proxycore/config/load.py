@@ -29,6 +29,7 @@ from ..config.checks import (
     join,
     typed,
 )
+from ..config.groups import HealthCheck, Outlier, RetryPolicy, UpstreamEntry
 from ..config.model import (
     AdminSettings,
     Inbound,
@@ -92,6 +93,12 @@ class Config:
                     p.add(f"routes[{index}].inbound", "'bearer' needs inbound.secret_file")
                 if mode == "forward_auth" and not self.inbound.url:
                     p.add(f"routes[{index}].inbound", "'forward_auth' needs inbound.url")
+                if route.affinity and not self.server.session_key_file:
+                    p.add(
+                        f"routes[{index}].affinity",
+                        "'mcp_session' needs server.session_key_file (the key that signs the "
+                        "session ids clients see)",
+                    )
         p.check()
 
     def _add_tunnel_route(self, p: Problems) -> None:
@@ -145,10 +152,16 @@ class Config:
         p = Problems()
         known = ("server", "timeouts", "pool", "inbound", "admin", "tunnel", "routes")
         _check_keys(p, raw, "", known)
-        server = _build(p, ServerSettings, raw.get("server", {}), "server")
+        base_dir = os.path.dirname(os.path.abspath(source))
+        server_table = raw.get("server", {})
+        if isinstance(server_table, Mapping) and isinstance(
+            server_table.get("session_key_file"), str
+        ):
+            key_file = os.path.join(base_dir, server_table["session_key_file"])
+            server_table = {**server_table, "session_key_file": key_file}
+        server = _build(p, ServerSettings, server_table, "server")
         timeouts = _build(p, Timeouts, raw.get("timeouts", {}), "timeouts") or Timeouts()
         pool = _build(p, PoolSettings, raw.get("pool", {}), "pool")
-        base_dir = os.path.dirname(os.path.abspath(source))
         inbound_table = raw.get("inbound", {})
         if isinstance(inbound_table, Mapping) and isinstance(inbound_table.get("secret_file"), str):
             secret_file = os.path.join(base_dir, inbound_table["secret_file"])
@@ -283,10 +296,7 @@ def _route_from_table(
             overrides = {**dataclasses.asdict(defaults), **overrides}
         table["timeouts"] = _build(p, Timeouts, overrides, f"{path}.timeouts")
     if "inject" in table:
-        inject = table["inject"]
-        if isinstance(inject, Mapping) and isinstance(inject.get("token_file"), str):
-            inject = {**inject, "token_file": os.path.join(base_dir, inject["token_file"])}
-        table["inject"] = _build(p, Inject, inject, f"{path}.inject")
+        table["inject"] = _inject_table(p, table["inject"], f"{path}.inject", base_dir)
     if "sse" in table:
         sse = table["sse"]
         if (
@@ -308,6 +318,21 @@ def _route_from_table(
             table["ws"] = ws
     if "rate_limit" in table:
         table["rate_limit"] = _build(p, RateLimit, table["rate_limit"], f"{path}.rate_limit")
+    for key, cls in (("retry", RetryPolicy), ("health_check", HealthCheck), ("outlier", Outlier)):
+        if key in table:
+            table[key] = _build(p, cls, table[key], f"{path}.{key}")
+    if isinstance(table.get("upstreams"), list):
+        table["upstreams"] = [
+            _entry_from_table(p, entry, f"{path}.upstreams[{index}]", base_dir)
+            for index, entry in enumerate(table["upstreams"])
+        ]
+    _resolve_ca_file(p, table, path, base_dir)
+    route = _build(p, Route, table, path)
+    return route if len(p.items) == start else None
+
+
+def _resolve_ca_file(p: Problems, table: dict[str, object], path: str, base_dir: str) -> None:
+    """Make ``table``'s ``ca_file`` relative to the config file and check it is readable."""
     ca_file = table.get("ca_file")
     if isinstance(ca_file, str) and ca_file:
         ca_file = table["ca_file"] = os.path.join(base_dir, ca_file)
@@ -316,8 +341,28 @@ def _route_from_table(
                 pass
         except OSError as exc:
             p.add(f"{path}.ca_file", f"cannot read {ca_file!r}: {exc.strerror or exc}")
-    route = _build(p, Route, table, path)
-    return route if len(p.items) == start else None
+
+
+def _inject_table(p: Problems, raw: object, path: str, base_dir: str) -> Inject | None:
+    if isinstance(raw, Mapping) and isinstance(raw.get("token_file"), str):
+        raw = {**raw, "token_file": os.path.join(base_dir, raw["token_file"])}
+    return _build(p, Inject, raw, path)
+
+
+def _entry_from_table(p: Problems, raw: object, path: str, base_dir: str) -> object:
+    """One entry of ``upstreams``: an :class:`UpstreamEntry`, or ``raw`` when it is not a
+    table (the route reports its type), or None when its problems are recorded."""
+    if not isinstance(raw, Mapping):
+        return raw
+    table = dict(raw)
+    if "inject" in table:
+        table["inject"] = _inject_table(p, table["inject"], f"{path}.inject", base_dir)
+    _resolve_ca_file(p, table, path, base_dir)
+    # An entry whose problems are recorded is stood in for (a unique name: no more noise).
+    return _build(p, UpstreamEntry, table, path) or UpstreamEntry(_SKIPPED, name=path)
+
+
+_SKIPPED = "http://invalid.invalid/"
 
 
 @dataclass(frozen=True, slots=True)

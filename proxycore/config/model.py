@@ -18,7 +18,6 @@ from typing import TypeAlias
 
 from ..config.checks import (
     ENCODINGS,
-    ENV_NAME_RE,
     TOKEN_RE,
     Problems,
     Upstream,
@@ -33,6 +32,15 @@ from ..config.checks import (
     validate_methods,
     validate_pattern,
 )
+from ..config.groups import (
+    HealthCheck,
+    Outlier,
+    RetryPolicy,
+    UpstreamEntry,
+    UpstreamSpec,
+    resolve_group,
+)
+from ..config.inject import Inject
 
 __all__ = [
     "AdminSettings",
@@ -47,6 +55,10 @@ __all__ = [
     "Tunnel",
     "WebSocketSettings",
 ]
+
+_GROUP_RETRY = RetryPolicy()
+_SINGLE_RETRY = RetryPolicy(attempts=1)
+_GROUP_OUTLIER = Outlier()
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -73,35 +85,6 @@ class Timeouts:
         for name in ("connect", "response", "idle", "send", "client_body"):
             number(p, self, name, zero_ok=False)
         number(p, self, "total", zero_ok=True)
-        p.check()
-
-
-@dataclass(frozen=True, slots=True)
-class Inject:
-    """Credential injection: send ``header: [scheme ]<token>`` with the token read (elsewhere, at
-    runtime) from environment variable ``token_env`` or from file ``token_file``."""
-
-    header: str = "Authorization"
-    scheme: str | None = None
-    token_env: str | None = None
-    token_file: str | None = None
-
-    def __post_init__(self) -> None:
-        p = Problems()  # values are never echoed: a misplaced token must not leak into logs
-        header = typed(p, self, "header", str, show=False)
-        if header is not None and not TOKEN_RE.fullmatch(header):
-            p.add("header", "must be a valid HTTP header name")
-        scheme = typed(p, self, "scheme", str, optional=True, show=False)
-        if scheme is not None and not TOKEN_RE.fullmatch(scheme):
-            p.add("scheme", "must be a single token such as 'Bearer' (no spaces)")
-        env = typed(p, self, "token_env", str, optional=True, show=False)
-        if env is not None and not ENV_NAME_RE.fullmatch(env):
-            p.add("token_env", "must be the name of an environment variable, not the token itself")
-        path = typed(p, self, "token_file", str, optional=True, show=False)
-        if path is not None and (not path or "\0" in path):
-            p.add("token_file", "must be a non-empty file path")
-        if (self.token_env is None) == (self.token_file is None):
-            p.add("token_env", "exactly one of token_env or token_file must be set")
         p.check()
 
 
@@ -255,7 +238,7 @@ class Route:
     """
 
     prefix: str
-    upstream: str
+    upstream: str | None = None
     strip_prefix: bool = True
     preserve_host: bool = False
     accept_encoding: str = "passthrough"
@@ -276,6 +259,18 @@ class Route:
     allow_encoded_slashes: bool = False
     #: Forward ``//a///b`` as ``/a/b`` (decisions always see the merged path).
     merge_slashes: bool = True
+    #: An upstream group (exactly one of ``upstream`` or ``upstreams``): see README.
+    upstreams: tuple[UpstreamEntry, ...] | None = None
+    balance: str = "least_connections"
+    hash_on: str | None = None
+    retry: RetryPolicy | None = None
+    health_check: HealthCheck | None = None
+    outlier: Outlier | None = None
+    affinity: str | None = None
+    max_retry_body_bytes: int = 64 * 1024
+    #: The upstreams, every setting resolved (one for ``upstream = "..."``).
+    group: tuple[UpstreamSpec, ...] = field(init=False)
+    #: The first upstream's target (the only one of a single-upstream route).
     target: Upstream = field(init=False)
 
     def __post_init__(self) -> None:
@@ -283,7 +278,7 @@ class Route:
         prefix = typed(p, self, "prefix", str)
         if prefix is not None and (problem := prefix_problem(prefix)):
             p.add("prefix", problem)
-        upstream = typed(p, self, "upstream", str, show=False)
+        upstream = typed(p, self, "upstream", str, optional=True, show=False)
         target = None
         if upstream is not None:
             try:
@@ -323,10 +318,26 @@ class Route:
         instance(p, self, "sse", SSESettings)
         typed(p, self, "allow_encoded_slashes", bool)
         typed(p, self, "merge_slashes", bool)
+        group = resolve_group(p, self, target)  # checks the group's keys too
         p.check()
         if not self.name:
             object.__setattr__(self, "name", self.prefix)
-        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "group", group)
+        object.__setattr__(self, "target", group[0].target)  # p.check(): group is not empty
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """``retry``, or the default: two tries on a group (connect errors), one alone."""
+        if self.retry is not None:
+            return self.retry
+        return _GROUP_RETRY if len(self.group) > 1 else _SINGLE_RETRY
+
+    @property
+    def outlier_policy(self) -> Outlier | None:
+        """``outlier``, or the default for a group; never for a single upstream."""
+        if len(self.group) < 2:
+            return None
+        return self.outlier if self.outlier is not None else _GROUP_OUTLIER
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +355,8 @@ class ServerSettings:
     workers: int = 1
     #: CIDRs of proxies in front of this one: only they may supply ``X-Forwarded-For``.
     trusted_proxies: tuple[str, ...] = ()
+    #: The key that authenticates MCP session ids minted through ``affinity`` routes.
+    session_key_file: str | None = None
     trusted_networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -374,6 +387,9 @@ class ServerSettings:
         typed(p, self, "allow_public", bool)
         number(p, self, "shutdown_grace", zero_ok=True)
         integer(p, self, "workers", 0, 1024)
+        key_file = typed(p, self, "session_key_file", str, optional=True)
+        if key_file == "":
+            p.add("session_key_file", "must be a non-empty file path")
         networks: list[IPNetwork] = []
         if _string_tuple(p, self, "trusted_proxies"):
             for index, cidr in enumerate(self.trusted_proxies):

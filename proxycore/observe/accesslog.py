@@ -42,6 +42,8 @@ class ExchangeRecord:
     #: What went wrong in full (e.g. the upstream address a connect failed on), or "":
     #: logged only, never sent to the client (``ProxyError.detail``).
     detail: str = ""
+    #: Every try of an exchange that went to more than one upstream: (upstream, outcome).
+    attempts: list[tuple[str, str]] | None = None
 
     def as_json(self) -> str:
         line: dict[str, object] = {
@@ -62,6 +64,8 @@ class ExchangeRecord:
         }
         if self.detail:
             line["detail"] = self.detail
+        if self.attempts:
+            line["attempts"] = [{"upstream": u, "outcome": o} for u, o in self.attempts]
         return json.dumps(line, separators=(",", ":"))
 
 

@@ -38,9 +38,16 @@ _MAX_HEAD: Final = 16 * 1024
 class AdminApp:
     """What the admin endpoints report; ``ready`` and ``metrics`` are callbacks."""
 
-    def __init__(self, ready: Callable[[], bool], metrics: Callable[[], Awaitable[bytes]]) -> None:
+    def __init__(
+        self,
+        ready: Callable[[], bool],
+        metrics: Callable[[], Awaitable[bytes]],
+        detail: Callable[[], bytes] | None = None,
+    ) -> None:
+        """``detail``: lines added to ``/readyz`` (the upstreams of groups)."""
         self.ready = ready
         self.metrics = metrics
+        self.detail = detail
 
     async def respond(self, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
         """``(status, content type, body)`` for one request."""
@@ -50,9 +57,10 @@ class AdminApp:
         if path == b"/healthz":
             return 200, b"text/plain", b"ok\n"
         if path == b"/readyz":
+            detail = self.detail() if self.detail is not None else b""
             if self.ready():
-                return 200, b"text/plain", b"ready\n"
-            return 503, b"text/plain", b"not ready\n"
+                return 200, b"text/plain", b"ready\n" + detail
+            return 503, b"text/plain", b"not ready\n" + detail
         if path == b"/metrics":
             return 200, METRICS_CONTENT_TYPE, await self.metrics()
         return 404, b"text/plain", b"not found\n"

@@ -80,14 +80,22 @@ from ..http.headers import (
     request_id_from,
 )
 from ..http.router import Match
-from ..net.pool import UpstreamConnection
+from ..net.pool import Origin, UpstreamConnection
 from ..net.stream import CHUNK, Stream, StreamBroken
 from ..proxy.hooks import Hooks
 from ..proxy.ledger import Ledger
-from ..proxy.preflight import admit, answer_head, expect_continue, request_view, upstream_head
+from ..proxy.preflight import (
+    admit,
+    answer_head,
+    expect_continue,
+    plan_attempts,
+    request_view,
+    upstream_head,
+)
 from ..proxy.state import ProxyState
 from ..proxy.upstream import ResponseHead, UpstreamCall
 from ..security.admission import Admission
+from ..upstreams.group import Member
 
 __all__ = ["ProxyApp"]
 
@@ -218,9 +226,10 @@ class _Exchange:
     async def _forward(
         self, match: Match, query: bytes, framing: Framing | None, admission: Admission
     ) -> None:
-        ledger, config = self.ledger, self.snapshot.config
+        ledger, snapshot = self.ledger, self.snapshot
+        config = snapshot.config
         timeouts = config.timeouts_for(match.route)
-        ledger.name_upstream(match.route)
+        attempts = plan_attempts(ledger, snapshot, match, self.method, self.headers, admission)
         first = b""
         if framing is None:  # no framing header: the first body message decides
             message = await self._receive_body(timeouts.idle)
@@ -232,19 +241,30 @@ class _Exchange:
                 ledger.record.bytes_in = len(first)
                 if self.max_body is not None and len(first) > self.max_body:
                     raise PayloadTooLarge(f"request body larger than {self.max_body} bytes")
-        origin, head = upstream_head(
-            ledger,
-            match,
-            query,
-            self.method,
-            self.headers,
-            forwarded_for=self.forwarded_for,
-            framing=framing,
-            admission=admission,
-            proto=b"https" if self.scope.get("scheme") == "https" else b"http",
-        )
+        elif framing.kind == "length" and framing.length and attempts.gathers(framing.length):
+            first = await self._gather(framing.length, timeouts.client_body)
         self.framing = framing
         self.done = framing is NO_BODY or bool(first)
+        attempts.set_body(len(first) if self.done else None)
+        credentials = snapshot.security.guard(match.route).credentials
+        proto = b"https" if self.scope.get("scheme") == "https" else b"http"
+
+        def head_for(member: Member) -> tuple[Origin, bytes]:
+            head = upstream_head(
+                ledger,
+                match,
+                member.spec,
+                query,
+                self.method,
+                self.headers,
+                forwarded_for=self.forwarded_for,
+                framing=framing,
+                admission=admission,
+                credential=credentials.get(member.name),
+                proto=proto,
+            )
+            return member.origin, head + first
+
         call = UpstreamCall(
             ledger,
             self.state.pool,
@@ -254,7 +274,20 @@ class _Exchange:
             timeouts=timeouts,
             server=config.server,
         )
-        await call.forward(origin, head + first, retry=may_retry(self.method, framing))
+        await call.forward(attempts, head_for, retry=may_retry(self.method, framing))
+
+    async def _gather(self, length: int, idle: float) -> bytes:
+        """The whole ``Content-Length`` body (short: retries may replay it)."""
+        data = bytearray()
+        more = True
+        while more and len(data) < length:
+            message = await self._receive_body(idle)
+            data += message.get("body", b"")
+            more = bool(message.get("more_body", False))
+        if len(data) != length:
+            raise BadRequest("request body does not match its Content-Length")
+        self.ledger.record.bytes_in = length
+        return bytes(data)
 
     # -- RequestBody -----------------------------------------------------------
 

@@ -55,9 +55,17 @@ from ..http.headers import (
 )
 from ..http.router import Match
 from ..http.target import TargetView
+from ..net.pool import Origin
 from ..net.stream import RawStream
 from ..proxy.ledger import Ledger
-from ..proxy.preflight import admit, answer_head, expect_continue, request_view, upstream_head
+from ..proxy.preflight import (
+    admit,
+    answer_head,
+    expect_continue,
+    plan_attempts,
+    request_view,
+    upstream_head,
+)
 from ..proxy.relay import ClientSide, RawRequestBody, RawResponseSink
 from ..proxy.sse_relay import sse_error_reply
 from ..proxy.state import ProxyState, Snapshot
@@ -69,6 +77,7 @@ from ..tunnel import http_api
 from ..tunnel.gateway import serve_session
 from ..tunnel.relay import PEERS
 from ..tunnel.sessions import Caller
+from ..upstreams.group import Member
 
 __all__ = ["Downstream", "Exchange", "ExchangeOutcome"]
 
@@ -284,7 +293,11 @@ class Exchange:
             raise NoRoute("no tunnel endpoint at this path")
 
     def _upgrade_request(
-        self, match: Match, view: TargetView, admission: Admission
+        self,
+        match: Match,
+        view: TargetView,
+        admission: Admission,
+        member: Member | None = None,
     ) -> UpgradeRequest:
         ledger, body = self.ledger, self.body
         assert body is not None
@@ -304,13 +317,28 @@ class Exchange:
             replay=self.client.raw_head + self.data,
             drain=self.state,
             response_head=hook,
+            upstream=member.spec if member is not None else None,
+            credential=self._credential(match, member),
         )
+
+    def _credential(self, match: Match, member: Member | None) -> tuple[bytes, bytes] | None:
+        if member is None:
+            return None
+        credential = self.snapshot.security.guard(match.route).credentials.get(member.name)
+        return credential.field() if credential is not None else None
 
     async def _upgrade(self, match: Match, view: TargetView, admission: Admission) -> None:
         """Hand the connection to the WebSocket relay (it answers, or raises before any
         byte went to the client)."""
-        up = self._upgrade_request(match, view, admission)
-        result = await relay_websocket(up, self.ledger.record)
+        ledger = self.ledger
+        attempts = plan_attempts(ledger, self.snapshot, match, self.method, self.headers, admission)
+        member = attempts.first()  # one try: a handshake is not retried on another upstream
+        up = self._upgrade_request(match, view, admission, member)
+        member.active += 1
+        try:
+            result = await relay_websocket(up, ledger.record)
+        finally:
+            member.active -= 1
         self.sink.head_sent = result.head_sent
         self._linger = result.linger
 
@@ -322,35 +350,45 @@ class Exchange:
         expect: bool,
         admission: Admission,
     ) -> None:
-        ledger, body, sink = self.ledger, self.body, self.sink
+        ledger, body, sink, snapshot = self.ledger, self.body, self.sink, self.snapshot
         assert body is not None
-        ledger.name_upstream(match.route)
-        origin, head = upstream_head(
-            ledger,
-            match,
-            query,
-            self.method,
-            self.headers,
-            forwarded_for=self.forwarded_for,
-            framing=framing,
-            admission=admission,
-            proto=SCHEME,
-        )
-        config = self.snapshot.config
+        config = snapshot.config
+        timeouts = config.timeouts_for(match.route)
+        attempts = plan_attempts(ledger, snapshot, match, self.method, self.headers, admission)
+        length = framing.length if framing.kind == "length" else None
+        if not body.done and not expect and attempts.gathers(length):
+            await body.read_all(match.route.max_retry_body_bytes, timeouts.client_body)
+        attempts.set_body(len(body.start) if body.done else None)
+        credentials = snapshot.security.guard(match.route).credentials
+        method, headers, forwarded_for = self.method, self.headers, self.forwarded_for
+
+        def head_for(member: Member) -> tuple[Origin, bytes]:
+            head = upstream_head(
+                ledger,
+                match,
+                member.spec,
+                query,
+                method,
+                headers,
+                forwarded_for=forwarded_for,
+                framing=framing,
+                admission=admission,
+                credential=credentials.get(member.name),
+                proto=SCHEME,
+            )
+            return member.origin, head + body.start
+
         call = UpstreamCall(
             ledger,
             self.state.pool,
             body,
             sink,
-            method=self.method,
-            timeouts=config.timeouts_for(match.route),
+            method=method,
+            timeouts=timeouts,
             server=config.server,
         )
         await call.forward(
-            origin,
-            head + body.start,
-            retry=may_retry(self.method, framing),
-            expect_continue=expect,
+            attempts, head_for, retry=may_retry(method, framing), expect_continue=expect
         )
         if not body.done:
             # The response ended before the request body: we can't find the next request.

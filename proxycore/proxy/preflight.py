@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import trio
+
+from ..config import UpstreamSpec
 from ..errors import ExpectationFailed, NoRoute, PayloadTooLarge
 from ..http.headers import (
     FRAMING_FIELDS,
@@ -33,13 +36,20 @@ from ..http.headers import (
 from ..http.request_head import IPNetwork, check_head, client_address
 from ..http.router import Match
 from ..http.target import TargetView, parse_target
-from ..net.pool import Origin
+from ..proxy.attempts import Attempts, hash_key
 from ..proxy.hooks import Response
 from ..proxy.ledger import Ledger
 from ..proxy.state import Snapshot
-from ..security.admission import Admission
+from ..security.admission import Admission, Credential
 
-__all__ = ["admit", "answer_head", "expect_continue", "request_view", "upstream_head"]
+__all__ = [
+    "admit",
+    "answer_head",
+    "expect_continue",
+    "plan_attempts",
+    "request_view",
+    "upstream_head",
+]
 
 #: Framing headers of a hook's answer: the proxy frames it itself.
 
@@ -104,6 +114,7 @@ async def admit(
 def upstream_head(
     ledger: Ledger,
     match: Match,
+    spec: UpstreamSpec,
     query: bytes,
     method: bytes,
     headers: Headers,
@@ -111,31 +122,65 @@ def upstream_head(
     forwarded_for: bytes,
     framing: Framing,
     admission: Admission,
+    credential: Credential | None,
     proto: bytes,
-) -> tuple[Origin, bytes]:
-    """The origin and the serialized upstream head.
+) -> bytes:
+    """The serialized head for the upstream ``spec`` (one of the route's group).
 
     Client headers are filtered by :func:`~proxycore.http.headers.upstream_request_headers`;
-    ``Host`` is the upstream's unless the route preserves the client's.
+    ``Host`` is the upstream's unless it preserves the client's; ``credential`` (the
+    upstream's injected one) is added last. Raises :class:`InternalError` when that
+    credential is unavailable.
     """
-    route = match.route
-    up = route.target
+    up = spec.target
     host = up.host_header.encode("ascii")
-    if route.preserve_host:
+    if spec.preserve_host:
         host = next((v for n, v in headers if n.lower() == b"host"), host)
+    extra = admission.extra
+    if credential is not None:
+        extra = [*extra, credential.field()]
     out = upstream_request_headers(
         headers,
         host=host,
         forwarded_for=forwarded_for,
         request_id=ledger.request_id,
         framing=framing,
-        identity_encoding=route.accept_encoding == "identity",
+        identity_encoding=match.route.accept_encoding == "identity",
         drop=admission.drop,
-        extra=admission.extra,
+        extra=extra,
         proto=proto,
     )
-    start = b"%s %s%s HTTP/1.1\r\n" % (method, match.upstream_path, query)
-    return Origin(up.scheme, up.host, up.port, route.ca_file), serialize_head(start, out)
+    start = b"%s %s%s HTTP/1.1\r\n" % (method, match.path_for(spec), query)
+    return serialize_head(start, out)
+
+
+def plan_attempts(
+    ledger: Ledger,
+    snapshot: Snapshot,
+    match: Match,
+    method: bytes,
+    headers: Headers,
+    admission: Admission,
+) -> Attempts:
+    """The tries of this exchange: its route's group, the hash key, the MCP session's
+    upstream (the header is rewritten to the upstream's own id). Raises
+    :class:`~proxycore.errors.SessionNotFound`. Call :meth:`Attempts.set_body` next."""
+    group = snapshot.groups[match.index]
+    affinity = snapshot.affinities[match.index]
+    pinned = affinity.pinned(headers, trio.current_time()) if affinity is not None else None
+    route = match.route
+    key = None
+    if route.balance == "hash":
+        key = hash_key(route.hash_on, headers, ledger.record.client, admission.identity)
+    return Attempts(
+        group,
+        ledger.record,
+        method=method,
+        key=key,
+        pinned=pinned,
+        affinity=affinity,
+        max_body=route.max_retry_body_bytes,
+    )
 
 
 def answer_head(answer: Response, request_id: bytes, *, close: bool) -> Headers:

@@ -12,15 +12,19 @@ from dataclasses import dataclass
 
 import trio
 
-from ..config import Config
+from ..config import Config, HealthCheck
 from ..http.router import Router
 from ..net.pool import Pool
 from ..observe.metrics import Gauges, Metrics
 from ..observe.transcript import TranscriptWriters
+from ..proxy.attempts import Affinity
 from ..proxy.hooks import Hooks
 from ..security.admission import Security
+from ..security.secrets import SecretError
 from ..tunnel.relay import PEERS
 from ..tunnel.sessions import Registry
+from ..upstreams.affinity import SessionIds, load_key
+from ..upstreams.group import UpstreamGroup
 
 __all__ = ["ProxyState", "Snapshot"]
 
@@ -31,6 +35,18 @@ class Snapshot:
     router: Router
     security: Security
     generation: int
+    #: The upstream group of each route (``config.routes`` order; ``Match.index``).
+    groups: tuple[UpstreamGroup, ...] = ()
+    #: MCP session affinity of each route (None where it is off).
+    affinities: tuple[Affinity | None, ...] = ()
+
+    def health_checks(self) -> list[tuple[UpstreamGroup, HealthCheck]]:
+        """The groups with active health checks, and their settings."""
+        return [
+            (group, route.health_check)
+            for group, route in zip(self.groups, self.config.routes, strict=True)
+            if route.health_check is not None
+        ]
 
 
 class ProxyState:
@@ -88,7 +104,13 @@ class ProxyState:
         """Build a snapshot (reads secrets and tokens) without installing it; the rate-limit
         state of ``previous``'s unchanged routes is carried over (see ``Security``)."""
         security = Security(config, self.pool, previous.security if previous else None)
-        return Snapshot(config, Router(config.routes), security, generation)
+        groups = _groups(config, previous)
+        ids = _session_ids(config)
+        affinities = tuple(
+            Affinity(ids, group) if ids is not None and route.affinity else None
+            for route, group in zip(config.routes, groups, strict=True)
+        )
+        return Snapshot(config, Router(config.routes), security, generation, groups, affinities)
 
     def swap(self, config: Config) -> Snapshot:
         """Install ``config`` for every exchange that starts from now on.
@@ -111,3 +133,42 @@ class ProxyState:
             prefix = PEERS.prefix if PEERS is not None else ""
             observe = self.metrics.observe_tunnel_call
             self.tunnel = Registry(config.tunnel, observe=observe, id_prefix=prefix)
+
+
+def _groups(config: Config, previous: Snapshot | None) -> tuple[UpstreamGroup, ...]:
+    """Each route's group; a route whose prefix was there before keeps its members' state
+    (those with the same name, URL and TLS settings) and its retry budget."""
+    before = (
+        {
+            route.prefix: group
+            for route, group in zip(previous.config.routes, previous.groups, strict=True)
+        }
+        if previous is not None
+        else {}
+    )
+    return tuple(
+        UpstreamGroup(
+            route.name,
+            route.group,
+            balance=route.balance,
+            retry=route.retry_policy,
+            outlier=route.outlier_policy,
+            previous=before.get(route.prefix),
+        )
+        for route in config.routes
+    )
+
+
+def _session_ids(config: Config) -> SessionIds | None:
+    """The MCP session-id key, when a route uses affinity. Raises ``SecretError``."""
+    path = config.server.session_key_file
+    if path is None or not any(route.affinity for route in config.routes):
+        return None
+    try:
+        return SessionIds(load_key(path))
+    except OSError as exc:
+        raise SecretError(
+            f"server.session_key_file: cannot read {path!r}: {exc.strerror or exc}"
+        ) from None
+    except ValueError as exc:
+        raise SecretError(f"server.session_key_file: {path!r} {exc}") from None

@@ -38,6 +38,7 @@ wrapped in an ExceptionGroup (the front end contains it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Final, NamedTuple, Protocol
 
@@ -49,6 +50,7 @@ from ..errors import (
     ClientGone,
     UpstreamConnectError,
     UpstreamConnectTimeout,
+    UpstreamError,
     UpstreamReset,
     UpstreamTimeout,
     connect_reason,
@@ -73,7 +75,9 @@ from ..net.pool import (
     with_stale_retry,
 )
 from ..net.stream import CHUNK, SendTimeout, Stream, StreamBroken, TLSStream
+from ..proxy.attempts import Attempts
 from ..proxy.ledger import Ledger
+from ..upstreams.group import Member
 
 __all__ = [
     "FAST_WAIT_S",
@@ -85,6 +89,28 @@ __all__ = [
 
 #: How long a response head may take before the downstream is watched by a task.
 FAST_WAIT_S: Final = 0.005
+
+#: The origin and serialized head (with the body bytes in hand) for one upstream.
+HeadFor = Callable[[Member], tuple[Origin, bytes]]
+
+
+class _Retry(Exception):
+    """A response head that is retried on ``member`` (never leaves this module)."""
+
+    def __init__(self, member: Member) -> None:
+        super().__init__()
+        self.member = member
+
+
+def _kind(exc: UpstreamError) -> str:
+    """The retry condition an upstream failure before any response byte matches."""
+    if isinstance(exc, UpstreamConnectError):
+        return "connect_error"
+    if isinstance(exc, UpstreamReset):
+        return "reset"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    return "other"
 
 
 class RequestBody(Protocol):
@@ -159,12 +185,16 @@ class UpstreamCall:
     """
 
     __slots__ = (
+        "_attempts",
+        "_client_bytes",
         "_conn",
         "_expect",
         "_head",
+        "_member",
         "_nursery",
         "_open",
         "_response_scope",
+        "_try_deadline",
         "_watching",
         "body",
         "ledger",
@@ -200,33 +230,67 @@ class UpstreamCall:
         self._nursery: trio.Nursery | None = None
         self._watching = False
         self._response_scope: trio.CancelScope | None = None
+        self._attempts: Attempts | None = None
+        self._member: Member | None = None
+        #: A byte went to the client (100 Continue, a 1xx, the head): no retry from here.
+        self._client_bytes = False
+        self._try_deadline = math.inf
 
     async def forward(
-        self, origin: Origin, head: bytes, *, retry: bool, expect_continue: bool = False
+        self,
+        attempts: Attempts,
+        head_for: HeadFor,
+        *,
+        retry: bool,
+        expect_continue: bool = False,
     ) -> None:
-        """Send ``head`` (the serialized head plus the body bytes in hand) to ``origin``
-        and relay the response. ``retry``: the request may go again on a new connection
-        if a pooled one was stale. Raises :class:`~proxycore.errors.ProxyError`."""
-        self._head, self._expect = head, expect_continue
+        """Send the request to the upstream ``attempts`` chooses (``head_for(member)``: its
+        origin and the serialized head plus the body bytes in hand) and relay the response;
+        try another upstream while ``attempts`` says so. ``retry``: the request may go
+        again on a new connection if a pooled one was stale. Raises
+        :class:`~proxycore.errors.ProxyError`."""
+        self._expect, self._attempts = expect_continue, attempts
         total = self.timeouts.total
         scope = None
-        try:
-            if not total:  # no scope at all (~17 us each): most routes have no total
-                await with_stale_retry(
-                    self.pool, origin, self._attempt, connect=self._connect, retry=retry
-                )
-            else:
-                with trio.CancelScope(deadline=self.ledger.record.started + total) as scope:
-                    await with_stale_retry(
-                        self.pool, origin, self._attempt, connect=self._connect, retry=retry
-                    )
-        except StaleConnection:
-            raise UpstreamReset("upstream closed the connection") from None
+        if not total:  # no scope at all (~17 us each): most routes have no total
+            await self._tries(attempts, head_for, retry)
+        else:
+            with trio.CancelScope(deadline=self.ledger.record.started + total) as scope:
+                await self._tries(attempts, head_for, retry)
         if scope is not None and scope.cancelled_caught:
             raise UpstreamTimeout(
                 f"exchange exceeded the total timeout of route {self.ledger.record.route!r} "
                 f"({total:g} s)"
             )
+
+    async def _tries(self, attempts: Attempts, head_for: HeadFor, retry: bool) -> None:
+        """Each try on its upstream until one answers or ``attempts`` allows no other."""
+        member = attempts.first()
+        per_try = attempts.policy.per_try_timeout
+        while True:
+            origin, self._head = head_for(member)
+            self._member = member
+            self._try_deadline = trio.current_time() + per_try if per_try else math.inf
+            member.active += 1
+            try:
+                await with_stale_retry(
+                    self.pool, origin, self._attempt, connect=self._connect, retry=retry
+                )
+                return
+            except _Retry as again:
+                nxt = again.member
+            except StaleConnection:
+                raise UpstreamReset("upstream closed the connection") from None
+            except UpstreamError as exc:
+                if exc is self.side_error:
+                    raise
+                other = attempts.errored(member, _kind(exc), retry_ok=not self._client_bytes)
+                if other is None:
+                    raise
+                nxt = other
+            finally:
+                member.active -= 1
+            member = nxt
 
     @property
     def _where(self) -> str:
@@ -271,6 +335,7 @@ class UpstreamCall:
                     raise StaleConnection from None
                 raise UpstreamReset("upstream closed the connection") from None
             if self._expect:
+                self._client_bytes = True
                 await self.sink.send_continue()
             main_error: Exception | None = None
             async with trio.open_nursery() as nursery:
@@ -279,6 +344,7 @@ class UpstreamCall:
                     self.watch_downstream()
                 try:
                     head = await self._response_head(conn)
+                    self._client_bytes = True
                     reusable = await self.sink.respond(head, conn, self) and head.reusable
                 except Exception as exc:
                     # Kept out of the nursery (any exception): it would wrap it in an
@@ -338,7 +404,7 @@ class UpstreamCall:
         bounds it), not the upstream's."""
         scope = self._response_scope
         if scope is not None and (force or self.body.done):
-            scope.deadline = trio.current_time() + self.timeouts.response
+            scope.deadline = min(trio.current_time() + self.timeouts.response, self._try_deadline)
 
     async def _recv_soon(self, stream: Stream, buf: bytearray) -> int:
         """Read, starting the downstream watch if nothing came within ``FAST_WAIT_S``."""
@@ -353,7 +419,7 @@ class UpstreamCall:
         server, rec, buf = self.server, self.ledger.record, self.sink.buf
         reader = ResponseHeadReader(self.method, server.max_header_bytes, server.max_header_count)
         response: h11.Response | None = None
-        with trio.CancelScope() as self._response_scope:
+        with trio.CancelScope(deadline=self._try_deadline) as self._response_scope:
             self._start_response_timer()
             while response is None:
                 event = reader.next_event()
@@ -373,15 +439,23 @@ class UpstreamCall:
                         rec.ttfb = trio.current_time() - rec.started
                     reader.feed(bytes(buf[:n]))
                 elif isinstance(event, h11.InformationalResponse):
+                    self._client_bytes = True
                     await self.sink.interim(event)
                 else:
                     response = event
         self._response_scope = None
         if response is None:
             wait_s = self.timeouts.response
+            if trio.current_time() >= self._try_deadline and self._attempts is not None:
+                wait_s = self._attempts.policy.per_try_timeout
             raise UpstreamTimeout(f"no response head from {self._where} within {wait_s:g} s")
         status = response.status_code
         headers: Headers = list(response.headers.raw_items())
+        attempts, member = self._attempts, self._member
+        assert attempts is not None and member is not None  # set by forward, per try
+        nxt = attempts.responded(member, status, headers, retry_ok=not self._client_bytes)
+        if nxt is not None:
+            raise _Retry(nxt)
         # Framing and reuse are the upstream's: decided before the hook, and the hook's
         # changes to the framing fields are undone (else a hook editing Content-Length
         # would put a half-read connection back in the pool for the next client).

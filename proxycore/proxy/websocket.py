@@ -79,7 +79,7 @@ Close = tuple[int, str]
 async def open_upstream(up: UpgradeRequest) -> UpstreamSocket:
     """The upstream connection of an upgrade: TCP, then for ``wss://`` (and ``https://``)
     TLS through :func:`~proxycore.net.tls.start_tls`, the pool's handshake path."""
-    target = up.route.target
+    target = up.spec.target
     address = f"{target.host}:{target.port}"  # for the access log only
     try:
         sock = await connect_tcp(target.host, target.port)
@@ -94,7 +94,7 @@ async def open_upstream(up: UpgradeRequest) -> UpstreamSocket:
     if target.scheme == "http":
         return UpstreamSocket(RawTrioStream(raw), raw.close)
     try:
-        tls = await start_tls(sock, target.host, up.route.ca_file, transport=RawTrioStream(raw))
+        tls = await start_tls(sock, target.host, up.spec.ca_file, transport=RawTrioStream(raw))
     except StreamBroken as exc:
         raise UpstreamConnectError(
             f"{up.where}: {public_reason(str(exc))}", detail=f"{address}: {exc}"
@@ -114,7 +114,7 @@ async def relay_websocket(
     """Proxy one WebSocket session (see the module docstring). Raises :class:`ProxyError`
     only before anything was sent to the client. Writes only the lent ``record``."""
     subprotocols = check_client(up)
-    target = up.route.target
+    target = up.spec.target
     record.upstream = f"{target.scheme}://{target.host_header}"
     handshake = Handshake(up, record, connect)
     error: ProxyError | None = None

@@ -35,7 +35,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
-from ..config import Route, Timeouts
+from ..config import Route, Timeouts, UpstreamSpec
 from ..errors import (
     BadRequest,
     ClientGone,
@@ -132,15 +132,23 @@ class UpgradeRequest:
     replay: bytes
     drain: DrainSignal
     response_head: ResponseHeadHook | None = None
+    #: The upstream of the route's group this upgrade goes to (None: the first).
+    upstream: UpstreamSpec | None = None
+    #: That upstream's injected credential field, if it has one.
+    credential: tuple[bytes, bytes] | None = None
 
     @property
     def route(self) -> Route:
         return self.match.route
 
     @property
+    def spec(self) -> UpstreamSpec:
+        return self.upstream if self.upstream is not None else self.match.route.group[0]
+
+    @property
     def resource(self) -> bytes:
         """The upstream path and query of the handshake."""
-        return self.match.upstream_path + self.query
+        return self.match.path_for(self.spec) + self.query
 
     @property
     def where(self) -> str:
@@ -317,16 +325,18 @@ class Handshake:
             framing=NO_BODY,
             identity_encoding=False,
             drop=up.admission.drop | WS_HANDSHAKE,
-            extra=up.admission.extra,
+            extra=up.admission.extra
+            if up.credential is None
+            else [*up.admission.extra, up.credential],
         )
 
     async def connect_upstream(
         self, reader: _Reader, client: _Reader, subprotocols: list[str]
     ) -> WebSocketConnection | None:
         """The upstream connection after its 101; None if it refused (``self.rejected``)."""
-        up, target = self.up, self.up.route.target
+        up, target = self.up, self.up.spec.target
         host = target.host_header.encode("ascii")
-        if up.route.preserve_host:
+        if up.spec.preserve_host:
             host = next((v for n, v in up.headers if n.lower() == b"host"), host)
         headers = self.upstream_headers(host)
         ws: WebSocketConnection | None = None

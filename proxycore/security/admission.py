@@ -30,7 +30,7 @@ from typing import Final
 
 import trio
 
-from ..config import Config, Route
+from ..config import Config, Inject, Route
 from ..errors import (
     AuthUnavailable,
     BadRequest,
@@ -83,6 +83,28 @@ def _refusal_error(refusal: Refusal) -> ProxyError:
     return exc
 
 
+class Credential:
+    """One injected credential: ``header: [scheme ]<token>``, the token read from its
+    source (re-read when the file changes)."""
+
+    __slots__ = ("header", "prefix", "token")
+
+    def __init__(self, inject: Inject) -> None:
+        """Reads the token (raises ``SecretError``)."""
+        self.token = TokenSource(env=inject.token_env, file=inject.token_file)
+        self.token.load()
+        self.header = inject.header.encode("ascii")
+        self.prefix = inject.scheme.encode("ascii") + b" " if inject.scheme else b""
+
+    def field(self) -> tuple[bytes, bytes]:
+        """The header to send; :class:`InternalError` when the token is unavailable."""
+        try:
+            token = self.token.get()
+        except SecretError as exc:
+            raise InternalError(f"credential for this route is unavailable: {exc}") from None
+        return self.header, self.prefix + token
+
+
 class GitPushDenied(Forbidden):
     type = "git_push_denied"
 
@@ -102,16 +124,18 @@ class RouteGuard:
         )
         self.max_body_bytes = route.max_body_bytes
         drop = {ALWAYS_IDENTITY, *security.identity_targets}
-        self.token: TokenSource | None = None
-        self.inject_header = b""
-        self.inject_prefix = b""
-        if route.inject is not None:
-            inject = route.inject
-            self.token = TokenSource(env=inject.token_env, file=inject.token_file)
-            self.token.load()
-            self.inject_header = inject.header.encode("ascii")
-            self.inject_prefix = inject.scheme.encode("ascii") + b" " if inject.scheme else b""
-            drop.update((b"authorization", self.inject_header.lower()))
+        #: Each upstream's injected credential (by upstream name; absent: none).
+        self.credentials: dict[str, Credential] = {}
+        made: dict[Inject, Credential] = {}
+        for spec in route.group:
+            if spec.inject is not None:
+                credential = made.get(spec.inject)
+                if credential is None:
+                    credential = made[spec.inject] = Credential(spec.inject)
+                self.credentials[spec.name] = credential
+                drop.update((b"authorization", credential.header.lower()))
+        #: Injected header names (lower case): a client sending one twice is refused.
+        self.singletons = tuple({c.header.lower() for c in made.values()})
         if mode == "bearer":
             drop.add(b"authorization")  # the proxy's own secret never goes upstream
         self.drop = frozenset(drop)
@@ -139,8 +163,9 @@ class RouteGuard:
         """Admit the request or raise the :class:`ProxyError` that refuses it. A checkpoint
         only with forward auth. Every decision uses ``view`` (the normalized target) and
         ``client_ip`` (see :func:`proxycore.request_head.client_address`)."""
-        if self.inject_header and _count(headers, self.inject_header.lower()) > 1:
-            raise BadRequest(f"the {self.inject_header.decode('ascii')} field appears twice")
+        for name in self.singletons:
+            if _count(headers, name) > 1:
+                raise BadRequest(f"the {name.decode('ascii')} field appears twice")
         admission = Admission(self.drop)
         key = client_ip
         if self.mode == "bearer":
@@ -154,14 +179,6 @@ class RouteGuard:
         if self.bucket is not None or self.streams is not None:
             rate_key = client_ip if self.rate_key == "client_ip" else key
             self._rate_limit(rate_key, admission)
-        if self.token is not None:
-            try:
-                token = self.token.get()
-            except SecretError as exc:
-                if admission.release is not None:
-                    admission.release()
-                raise InternalError(f"credential for this route is unavailable: {exc}") from None
-            admission.extra.append((self.inject_header, self.inject_prefix + token))
         return admission
 
     def _bearer(self, headers: Headers) -> str:

@@ -35,6 +35,7 @@ from proxycore.proxy.state import ProxyState
 from proxycore.proxy.upstream import UpstreamCall
 from proxycore.proxy.ws_streams import MAX_REFUSAL_BODY, RefusalCap
 from tests.inmem.scripted import Pause, ScriptedStream, ScriptItem
+from tests.inmem.single import one_upstream
 
 ORIGIN: Final = Origin("http", "upstream.test", 80)
 POST_HEAD: Final = b"POST / HTTP/1.1\r\nHost: upstream.test\r\nContent-Length: %d\r\n\r\n"
@@ -97,7 +98,8 @@ class Call:
         )
         start = trio.current_time()
         with trio.fail_after(CAP):
-            await call.forward(ORIGIN, head + self.body.start, retry=False)
+            attempts, head_for = one_upstream(ORIGIN, head + self.body.start, self.ledger.record)
+            await call.forward(attempts, head_for, retry=False)
         return trio.current_time() - start
 
 

@@ -41,6 +41,7 @@ from proxycore.proxy.sse_relay import HOLD_MAX, SSERelay, relay_sse
 from proxycore.proxy.state import ProxyState
 from proxycore.proxy.upstream import UpstreamCall
 from tests.inmem.scripted import EOF, Pause, ScriptedStream, ScriptItem
+from tests.inmem.single import one_upstream
 
 LAST_CHUNK: Final = b"0\r\n\r\n"
 RID: Final = "rid-12"
@@ -344,7 +345,8 @@ async def forward(script: list[ScriptItem], *, content_length: int = 0) -> Clien
         server=ledger.state.snapshot.config.server,
         connect=connect,
     )
-    await call.forward(ORIGIN, GET, retry=False)
+    attempts, head_for = one_upstream(ORIGIN, GET, ledger.record)
+    await call.forward(attempts, head_for, retry=False)
     return client
 
 

@@ -43,6 +43,7 @@ from proxycore.proxy.relay import RawRequestBody, RawResponseSink
 from proxycore.proxy.state import ProxyState
 from proxycore.proxy.upstream import UpstreamCall
 from tests.inmem.scripted import EOF, Pause, ScriptedStream, ScriptItem
+from tests.inmem.single import one_upstream
 
 ORIGIN: Final = Origin("http", "upstream.test", 80)
 GET: Final = b"GET / HTTP/1.1\r\nHost: upstream.test\r\n\r\n"
@@ -118,7 +119,8 @@ class Exchange:
         if retry is None:
             retry = may_retry(self.method, self.framing)
         with trio.fail_after(10):
-            await call.forward(ORIGIN, head + self.body.start, retry=retry)
+            attempts, head_for = one_upstream(ORIGIN, head + self.body.start, self.ledger.record)
+            await call.forward(attempts, head_for, retry=retry)
 
     @property
     def written(self) -> bytes:

@@ -206,7 +206,7 @@ def test_upstream_parsing(
         ({"upstream": "http://h /"}, "upstream: must be ASCII without whitespace"),
         ({"upstream": "http://h/\n"}, "upstream: must be ASCII without whitespace"),
         ({"upstream": "http://h\u00e9.test/"}, "upstream: must be ASCII without whitespace"),
-        ({"upstream": None}, "upstream: expected a string, got NoneType"),
+        ({"upstream": None}, "upstream: exactly one of upstream or upstreams must be set"),
         ({"strip_prefix": "yes"}, "strip_prefix: expected a boolean, got string 'yes'"),
         ({"preserve_host": 1}, "preserve_host: expected a boolean, got integer 1"),
         ({"accept_encoding": "gzip"}, "accept_encoding: must be 'passthrough' or 'identity'"),
@@ -660,7 +660,8 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
             "[server]\nmax_conections = 5\n" + ROUTE,
             "server.max_conections: unknown key (known: "
             "listen, max_connections, max_header_bytes, max_header_count, header_timeout, "
-            "keepalive_timeout, allow_public, shutdown_grace, workers, trusted_proxies); "
+            "keepalive_timeout, allow_public, shutdown_grace, workers, trusted_proxies, "
+            "session_key_file); "
             "did you mean 'max_connections'?",
         ),
         (
@@ -677,7 +678,8 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
             "routes[0].upstrem: unknown key (known: prefix, upstream, "
             "strip_prefix, preserve_host, accept_encoding, ca_file, timeouts, inject, name, "
             "inbound, deny_git_push, methods, deny_paths, max_body_bytes, rate_limit, websocket, "
-            "ws, sse, allow_encoded_slashes, merge_slashes); "
+            "ws, sse, allow_encoded_slashes, merge_slashes, upstreams, balance, hash_on, retry, "
+            "health_check, outlier, affinity, max_retry_body_bytes); "
             "did you mean 'upstream'?",
         ),
         (ROUTE + "target = 'x'\n", "routes[0].target: unknown key"),
@@ -733,7 +735,10 @@ def test_unknown_key_without_close_match_has_no_suggestion(tmp_path: Path) -> No
         ("", "routes: at least one [[routes]] table is required"),
         ("routes = []\n", "routes: at least one [[routes]] table is required"),
         ("[[routes]]\nupstream = 'http://h/'\n", "routes[0].prefix: required key is missing"),
-        ("[[routes]]\nprefix = '/'\n", "routes[0].upstream: required key is missing"),
+        (
+            "[[routes]]\nprefix = '/'\n",
+            "routes[0].upstream: exactly one of upstream or upstreams must be set",
+        ),
         (
             ROUTE + "strip_prefix = 'true'\n",
             "routes[0].strip_prefix: expected a boolean, got string 'true'",
