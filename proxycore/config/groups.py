@@ -61,7 +61,12 @@ class UpstreamEntry:
 
     def __post_init__(self) -> None:
         p = Problems()
-        typed(p, self, "url", str, show=False)
+        url = typed(p, self, "url", str, show=False)
+        if url is not None:
+            try:  # the route checks the scheme again (ws:// only on websocket routes)
+                parse_upstream(url, websocket=True)
+            except ValueError as exc:
+                p.add("url", str(exc))
         integer(p, self, "weight", 1, 1000)
         typed(p, self, "backup", bool)
         ca_file = typed(p, self, "ca_file", str, optional=True)

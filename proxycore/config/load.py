@@ -182,16 +182,19 @@ class Config:
                     routes.append((index, route))
             duplicates(p, ((index, route.prefix) for index, route in routes))
         p.check(source)
-        return cls(
-            routes=tuple(route for _, route in routes),
-            server=server or ServerSettings(),
-            timeouts=timeouts,
-            pool=pool or PoolSettings(),
-            inbound=inbound or Inbound(),
-            admin=admin or AdminSettings(),
-            tunnel=tunnel or Tunnel(),
-            source=source,
-        )
+        try:  # checks across sections name the file too
+            return cls(
+                routes=tuple(route for _, route in routes),
+                server=server or ServerSettings(),
+                timeouts=timeouts,
+                pool=pool or PoolSettings(),
+                inbound=inbound or Inbound(),
+                admin=admin or AdminSettings(),
+                tunnel=tunnel or Tunnel(),
+                source=source,
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {problem}" for problem in exc.problems) from None
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> Config:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..net.pool import Origin
@@ -24,7 +24,7 @@ from ..observe.accesslog import ExchangeRecord
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-__all__ = ["Gauges", "Metrics"]
+__all__ = ["Gauges", "Metrics", "UpstreamStats"]
 
 _LATENCY_BUCKETS: Final = (
     0.0005,
@@ -72,6 +72,24 @@ class Gauges(NamedTuple):
     pool_busy: Mapping[Origin, int]
     #: Open tunnel sessions (``[tunnel]``).
     tunnel_sessions: int = 0
+    #: The upstreams of every route's group.
+    upstreams: tuple[UpstreamStats, ...] = ()
+
+
+class UpstreamStats(NamedTuple):
+    """One upstream of a route's group, as ``/metrics`` shows it."""
+
+    route: str
+    upstream: str
+    requests: int
+    failures: int
+    retries: int
+    ejections: int
+    active: int
+    #: Health checks (or none) say it is up.
+    healthy: bool
+    #: Ejected now (consecutive failures).
+    ejected: bool
 
 
 class _StateCollector(Collector):
@@ -113,6 +131,51 @@ class _StateCollector(Collector):
             "Open reverse-tunnel sessions.",
             value=now.tunnel_sessions,
         )
+        yield from _upstream_families(now.upstreams)
+
+
+def _upstream_families(stats: tuple[UpstreamStats, ...]) -> Iterator[Metric]:
+    """Per upstream of each group: counters kept by the group, gauges of its state."""
+    labels = ["route", "upstream"]
+    families = {
+        "requests": CounterMetricFamily(
+            "proxycore_upstream_requests", "Tries sent to the upstream.", labels=labels
+        ),
+        "failures": CounterMetricFamily(
+            "proxycore_upstream_failures",
+            "Tries that failed: connect error, reset, timeout or a 5xx.",
+            labels=labels,
+        ),
+        "retries": CounterMetricFamily(
+            "proxycore_upstream_retries",
+            "Tries that were retries of a request another upstream failed.",
+            labels=labels,
+        ),
+        "ejections": CounterMetricFamily(
+            "proxycore_upstream_ejections",
+            "Times the upstream was ejected for consecutive failures.",
+            labels=labels,
+        ),
+    }
+    active = GaugeMetricFamily(
+        "proxycore_upstream_active_streams", "Exchanges open on the upstream now.", labels=labels
+    )
+    healthy = GaugeMetricFamily(
+        "proxycore_upstream_healthy",
+        "1 if health checks (or none) say the upstream is up and it is not ejected.",
+        labels=labels,
+    )
+    for s in stats:
+        key = [s.route, s.upstream]
+        families["requests"].add_metric(key, s.requests)
+        families["failures"].add_metric(key, s.failures)
+        families["retries"].add_metric(key, s.retries)
+        families["ejections"].add_metric(key, s.ejections)
+        active.add_metric(key, s.active)
+        healthy.add_metric(key, 1 if s.healthy and not s.ejected else 0)
+    yield from families.values()
+    yield active
+    yield healthy
 
 
 class Metrics:

@@ -8,6 +8,7 @@ started with.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import trio
@@ -15,7 +16,7 @@ import trio
 from ..config import Config, HealthCheck
 from ..http.router import Router
 from ..net.pool import Pool
-from ..observe.metrics import Gauges, Metrics
+from ..observe.metrics import Gauges, Metrics, UpstreamStats
 from ..observe.transcript import TranscriptWriters
 from ..proxy.attempts import Affinity
 from ..proxy.hooks import Hooks
@@ -80,6 +81,29 @@ class ProxyState:
             pool_idle=pool.counts(),
             pool_busy=dict(pool.busy),
             tunnel_sessions=len(self.tunnel) if self.tunnel is not None else 0,
+            upstreams=self.upstream_stats(),
+        )
+
+    def upstream_stats(self) -> tuple[UpstreamStats, ...]:
+        """Every upstream of the current snapshot's groups (single upstreams too)."""
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # outside trio (a test reading the gauges): nothing is ejected
+            now = math.inf
+        return tuple(
+            UpstreamStats(
+                group.route,
+                m.name,
+                m.requests,
+                m.failures,
+                m.retries,
+                m.ejections,
+                m.active,
+                m.healthy,
+                m.ejected(now),
+            )
+            for group in self.snapshot.groups
+            for m in group.members
         )
 
     def connection_opened(self) -> None:

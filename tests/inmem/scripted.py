@@ -164,7 +164,12 @@ class ScriptedStream:
             if item is EOF:
                 return 0
             if isinstance(item, Pause):
-                await trio.sleep(item.seconds)
+                end = trio.current_time() + item.seconds
+                try:
+                    await trio.sleep(item.seconds)
+                except trio.Cancelled:  # a silent peer stays silent for the rest of it
+                    self._script.appendleft(Pause(max(0.0, end - trio.current_time())))
+                    raise
                 continue
             if isinstance(item, BaseException):
                 raise item
