@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     check_secret.add_argument("file", metavar="FILE")
 
     loadtest = sub.add_parser(
-        "loadtest", help="load-test any HTTP/1.1 server (latency to first byte, SSE delay)"
+        "loadtest",
+        help="load-test any HTTP/1.1 server: latency, SSE delay, LLM tokens (TTFT, ITL), MCP calls",
     )
     loadtest_cli.add_arguments(loadtest)
 
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run a built-in LLM-like upstream behind the proxy")
     demo.add_argument("--requests", type=int, default=3, help="streamed requests to send")
-    demo.add_argument("--events", type=int, default=8, help="events per stream")
+    demo.add_argument("--events", type=int, default=8, help="tokens per stream")
     demo.add_argument("--keep", action="store_true", help="keep both running afterwards")
     demo.add_argument("--port", type=int, default=0, help="proxy port with --keep (0: any)")
     return parser

@@ -57,6 +57,11 @@ def retry_after_seconds(headers: Headers) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _holds_sessions(member: Member, now: float) -> bool:
+    """Up and not ejected (a busy one, ``Retry-After``, still holds its sessions)."""
+    return member.healthy and not member.ejected(now)
+
+
 class Affinity:
     """MCP session affinity of one group: which member minted a session id."""
 
@@ -75,7 +80,7 @@ class Affinity:
             if name.lower() == SESSION_HEADER:
                 unwrapped = self.ids.unwrap(value.strip())
                 member = self._by_tag.get(unwrapped[0]) if unwrapped else None
-                if unwrapped is None or member is None or not member.available(now):
+                if unwrapped is None or member is None or not _holds_sessions(member, now):
                     raise SessionNotFound("no such session: initialize a new one")
                 headers[index] = (name, unwrapped[1])
                 return member

@@ -6,6 +6,14 @@ Endpoints (see :func:`make_app`):
 
 * ``GET|POST .../stream`` -- SSE token stream. Query overrides: ``ttft_ms``,
   ``interval_ms``, ``events``, ``size`` (bytes per event).
+* ``POST /v1/chat/completions`` (OpenAI) and ``POST /v1/messages`` (Anthropic) -- a chat
+  answer of real text (:mod:`proxycore.tools.sim_llm`), streamed one word per delta
+  (``"stream": true``) with usage at the end, ``max_tokens`` words (default 16). Query
+  overrides: ``ttft_ms``, ``interval_ms`` (the token rate), ``tokens`` (words, whatever
+  ``max_tokens`` says), ``usage=0`` (no usage), ``cut=1`` (end without the terminator).
+* ``POST|DELETE /mcp`` -- an MCP server over Streamable HTTP (:mod:`proxycore.tools.sim_mcp`):
+  JSON answers, or an SSE stream with ``?sse=1``; ``?expire_after=N`` ends sessions after
+  N calls.
 * ``/small`` -- 100-byte ``text/plain`` body.
 * ``/big?mib=N`` -- N MiB (default 1, max 1024) streamed in 64 KiB messages.
 * ``POST|PUT /upload`` -- reads the body, answers ``{"bytes": n, "sha256": hex}``.
@@ -15,6 +23,7 @@ Endpoints (see :func:`make_app`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,12 +31,15 @@ import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 from urllib.parse import parse_qsl
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+
+from ..tools.sim_llm import ChatRequest, ChatStream, words
+from ..tools.sim_mcp import McpServer
 
 __all__ = [
     "ASGIApp",
@@ -206,8 +218,11 @@ def make_app(
     interval: float = 0.02,
     events: int = 20,
     event_bytes: int = 64,
+    mcp_expire_after: int | None = None,
 ) -> ASGIApp:
-    """Build the simulator ASGI app. The arguments are the ``/stream`` defaults."""
+    """Build the simulator ASGI app. ``ttft`` and ``interval`` are the ``/stream`` and
+    chat defaults, ``events`` and ``event_bytes`` the ``/stream`` ones;
+    ``mcp_expire_after`` ends MCP sessions after that many calls."""
     for name, delay in (("ttft", ttft), ("interval", interval)):
         if not math.isfinite(delay) or delay < 0:
             raise ValueError(f"{name} must be a finite number >= 0")
@@ -215,6 +230,9 @@ def make_app(
         raise ValueError(f"events must be between 0 and {MAX_EVENTS}")
     if not 0 <= event_bytes <= MAX_EVENT_BYTES:
         raise ValueError(f"event_bytes must be between 0 and {MAX_EVENT_BYTES}")
+    if mcp_expire_after is not None and mcp_expire_after < 1:
+        raise ValueError("mcp_expire_after must be at least 1")
+    mcp_server = McpServer(mcp_expire_after)
 
     async def stream(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("GET", "POST"):
@@ -254,6 +272,66 @@ def make_app(
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         await _until_disconnect(receive, body)
+
+    async def chat(
+        scope: Scope, receive: Receive, send: Send, fmt: Literal["openai", "anthropic"]
+    ) -> None:
+        if scope["method"] != "POST":
+            await _respond_json(send, 405, {"error": "method not allowed"})
+            return
+        body = bytearray()
+        if not await _drain_body(receive, body.extend):
+            return
+        query = _query(scope)
+        try:
+            request = ChatRequest(bytes(body))
+            s_ttft = _ms_param(query, "ttft_ms", ttft)
+            s_interval = _ms_param(query, "interval_ms", interval)
+            tokens = _int_param(query, "tokens", request.max_tokens, 0, MAX_EVENTS)
+        except (_BadRequest, ValueError) as exc:
+            await _respond_json(send, 400, {"error": str(exc)})
+            return
+        answer = ChatStream(fmt, request, tokens, usage=query.get("usage") != "0")
+        if not request.stream:
+            await trio.sleep(s_ttft + s_interval * max(0, tokens - 1))
+            await _respond_json(send, 200, answer.whole())
+            return
+        headers = _header_list(b"text/event-stream", [(b"cache-control", b"no-cache")])
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+        async def stream_body() -> None:
+            await send({"type": "http.response.body", "body": answer.start(), "more_body": True})
+            start = trio.current_time() + s_ttft
+            for i, word in enumerate(words(tokens)):
+                await trio.sleep_until(start + i * s_interval)
+                chunk = answer.delta(word)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            end = b"" if query.get("cut") == "1" else answer.end()
+            await send({"type": "http.response.body", "body": end, "more_body": False})
+
+        await _until_disconnect(receive, stream_body)
+
+    async def mcp(scope: Scope, receive: Receive, send: Send) -> None:
+        session = next((v.decode() for n, v in scope["headers"] if n == b"mcp-session-id"), None)
+        if scope["method"] == "DELETE":
+            await _respond(send, mcp_server.end(session), b"")
+            return
+        if scope["method"] != "POST":
+            await _respond_json(send, 405, {"error": "method not allowed"})
+            return
+        body = bytearray()
+        if not await _drain_body(receive, body.extend):
+            return
+        query = _query(scope)
+        try:
+            expire = _int_param(query, "expire_after", -1, 1, MAX_EVENTS)
+        except _BadRequest as exc:
+            await _respond_json(send, 400, {"error": str(exc)})
+            return
+        reply = mcp_server.handle(session, bytes(body), None if expire < 0 else expire)
+        status, headers, data = reply.http(sse=query.get("sse") == "1")
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def big(scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -299,6 +377,12 @@ def make_app(
         path: str = scope["path"]
         if path.endswith("/stream"):
             await stream(scope, receive, send)
+        elif path == "/v1/chat/completions":
+            await chat(scope, receive, send, "openai")
+        elif path == "/v1/messages":
+            await chat(scope, receive, send, "anthropic")
+        elif path == "/mcp":
+            await mcp(scope, receive, send)
         elif path == "/small":
             await _respond(send, 200, SMALL_BODY)
         elif path == "/big":
@@ -370,3 +454,38 @@ async def serve_app(
         hyper_app: Any = app
         urls: list[str] = await nursery.start(partial(serve, hyper_app, config, mode="asgi"))
         task_status.started((host, _port_of(urls[0])))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m proxycore.tools.sim``: serve the simulator until Ctrl-C."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m proxycore.tools.sim", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000, help="0: any free port")
+    parser.add_argument("--ttft-ms", type=float, default=200.0, help="time to first token")
+    parser.add_argument("--interval-ms", type=float, default=20.0, help="time between tokens")
+    parser.add_argument("--mcp-expire-after", type=int, help="end MCP sessions after N calls")
+    args = parser.parse_args(argv)
+    try:
+        app = make_app(
+            ttft=args.ttft_ms / 1000, interval=args.interval_ms / 1000,
+            mcp_expire_after=args.mcp_expire_after,
+        )  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    async def serve_forever() -> None:
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                partial(serve_app, app, host=args.host, port=args.port)
+            )
+            print(f"simulator on http://{_bind_address(host, port)}  (Ctrl-C to stop)", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(serve_forever)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

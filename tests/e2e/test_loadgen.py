@@ -410,21 +410,56 @@ async def test_rate_mode_starts_about_rate_times_duration(sim: tuple[str, int]) 
     assert_consistent(result)
 
 
-async def test_rate_mode_drops_arrivals_when_every_slot_is_busy(sim: tuple[str, int]) -> None:
-    # One slot, streams of ~100 ms, 100 arrivals/s: most arrivals find the slot busy.
-    spec = LoadSpec(
-        *sim,
-        path="/v1/stream?ttft_ms=0&interval_ms=50&events=2",
-        rate=100,
-        requests=30,
-        concurrency=1,
-        arrivals="poisson",
-    )
+async def test_open_model_latency_includes_queueing_behind_a_stalled_server(
+    nursery: trio.Nursery,
+) -> None:
+    # One slot, 20 arrivals/s, and a server that stalls 500 ms on the first request then
+    # answers at once. Arrivals 2..10 (intended at 50..450 ms) wait for the slot: timed
+    # from their intended start (no coordinated omission) they took >= 500 - 50 i ms, so
+    # the median is >= 250 ms; timed from the send it would be about a millisecond.
+    stalled = False
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal stalled
+        buf = bytearray()
+        while await read_head(stream, buf) is not None:
+            if not stalled:
+                stalled = True
+                await trio.sleep(0.5)
+            await stream.send_all(OK_2)
+
+    port = await raw(nursery, handler)
+    spec = LoadSpec("127.0.0.1", port, rate=20, requests=10, concurrency=1, timeout=5)
     with trio.fail_after(10):
         result = await run_load(spec)
-    assert result.started + result.dropped == 30
-    assert result.dropped >= 10
-    assert result.ok == result.started >= 1
+    assert (result.ok, result.errors, result.dropped) == (10, 0, 0)
+    assert result.latency.max >= 0.5
+    assert result.latency.percentile(50) >= 0.25
+    assert result.queue.count == 10
+    assert result.queue.max >= 0.45  # the second arrival waited for the stalled first
+    assert result.latency.max < 8.0  # bounded, no speed limit
+    assert_consistent(result)
+
+
+async def test_open_model_timeout_runs_from_the_intended_start(nursery: trio.Nursery) -> None:
+    # A server that never answers, one slot, 20 arrivals 50 ms apart, timeout 0.3 s.
+    # Each request is due by its intended start + 0.3 s, so the slot frees when the next
+    # arrival has waited 0.25 s: it is still sent (50 ms to spare) and times out 50 ms
+    # later; all 20 are sent and time out, and the run takes about 1.3 s. Timed from
+    # each send instead, every request would hold the slot 0.3 s and the arrivals behind
+    # it would pass their due time unsent (dropped): about 4 sent of 20.
+    async def never_answers(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    port = await raw(nursery, never_answers)
+    spec = LoadSpec("127.0.0.1", port, rate=20, requests=20, concurrency=1, timeout=0.3)
+    with trio.fail_after(10):
+        result = await run_load(spec)
+    assert result.started + result.dropped == 20
+    assert result.started >= 15  # a dropped arrival needs a 50 ms stall of the generator
+    assert result.error_kinds == {"timeout": result.started}
+    assert result.to_json()["error_rate"] == 1.0
+    assert 0.3 <= result.elapsed < 8.0  # bounded, no speed limit
 
 
 # --------------------------------------------------------------------------- slow reader, progress
@@ -510,9 +545,21 @@ async def test_to_json(sim: tuple[str, int]) -> None:
         "first_event",
         "event_delay",
         "connect",
+        "ttft",
+        "itl",
+        "queue",
+        "stream_tps",
+        "output_tokens",
+        "tokens_source",
+        "tokens_per_s",
+        "error_rate",
+        "mcp",
+        "cpu_seconds",
+        "cpu_share",
     }
     assert data["ok"] == 10
-    for name in ("ttfb", "latency", "first_event", "event_delay", "connect"):
+    assert data["cpu_seconds"] > 0
+    for name in ("ttfb", "latency", "first_event", "event_delay", "connect", "ttft", "itl"):
         assert set(data[name]) == {"p50", "p90", "p99", "p99.9", "max", "mean", "count"}
     assert data["ttfb"]["count"] == 10
     assert 0 < data["ttfb"]["p50"] < 1000  # milliseconds
@@ -562,8 +609,6 @@ async def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert nothing == 1
     assert "could not connect" in capsys.readouterr().err
 
-    assert loadtest_cli.run(parse("https://127.0.0.1/", "-n", "1")) == 2
-    assert "https:// URLs are not supported" in capsys.readouterr().err
     assert loadtest_cli.run(parse("ftp://127.0.0.1/", "-n", "1")) == 2
     assert (
         loadtest_cli.run(parse("http://127.0.0.1/", "-n", "1", "--body-file", "/nonexistent")) == 2
@@ -585,11 +630,13 @@ async def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_spec_from_args(tmp_path: Path) -> None:
     args = parse("http://[::1]:8080/a/b?q=1", "-n", "5", "--no-keepalive", "--rate", "50")
     spec = loadtest_cli.spec_from_args(args)
-    assert (spec.host, spec.port, spec.path) == ("::1", 8080, "/a/b?q=1")
+    assert (spec.host, spec.port, spec.path, spec.tls) == ("::1", 8080, "/a/b?q=1", False)
     assert (spec.requests, spec.rate, spec.keepalive, spec.method) == (5, 50.0, False, "GET")
     assert spec.authority == "[::1]:8080"
     default_port = loadtest_cli.spec_from_args(parse("http://example.test", "-d", "1"))
     assert (default_port.port, default_port.path, default_port.duration) == (80, "/", 1.0)
+    https = loadtest_cli.spec_from_args(parse("https://example.test/v1", "-n", "1"))
+    assert (https.tls, https.port, https.url) == (True, 443, "https://example.test:443/v1")
     body = tmp_path / "body.json"
     body.write_bytes(b'{"prompt": "hi"}')
     upload = loadtest_cli.spec_from_args(

@@ -8,10 +8,13 @@ Models:
 * **closed** (``rate`` is None): ``concurrency`` slots each send a request, wait for
   the whole response, and send the next, until ``requests`` have been started or
   ``duration`` has passed.
-* **open** (``rate`` set): requests are started at ``rate`` per second (uniform or
+* **open** (``rate`` set): requests are due at ``rate`` per second (uniform or
   Poisson arrivals) by one dispatcher; ``concurrency`` is the most in flight. An
-  arrival that finds every slot busy is not queued but counted in ``dropped``, so
-  a slow server shows up as drops instead of silently lowering the offered rate.
+  arrival that finds every slot busy waits in a queue, and every timing of an
+  open-model request runs from its *intended* start (no coordinated omission, as
+  wrk2): a stalled server shows up as latency, and ``queue`` records the waits. A
+  request is due by its intended start + ``timeout``; an arrival still queued past
+  that is never sent and counted in ``dropped``.
 
 Each slot owns one connection (reused when ``keepalive``; with ``keepalive=False``
 every request opens a fresh one and sends ``Connection: close``). A reused
@@ -29,7 +32,8 @@ parsing made ~256 us of CPU per keep-alive request (about 3.8k requests/s, below
 the proxy it is meant to measure); this reader makes ~95 us, mostly syscalls and
 trio's wake-ups.
 
-What is measured (all from the moment the request bytes were handed to the kernel):
+What is measured (closed model: from the moment the request bytes were handed to the
+kernel; open model: from the request's intended start):
 
 * ``ttfb``: to the first response byte (taken before anything is parsed);
 * ``latency``: to the end of the response body;
@@ -40,7 +44,22 @@ What is measured (all from the moment the request bytes were handed to the kerne
   it was received minus ``t_ns``. Same clock only when sender and generator share
   a host. Events without ``t_ns`` (such as ``proxycore.tools.sim``'s final ``done``) are
   counted in ``events`` but give no delay sample.
-* ``connect``: TCP connect time of every connection opened.
+* ``connect``: TCP connect (and TLS handshake) time of every connection opened.
+* ``stream`` (``openai``, ``anthropic``, ``sse``; :mod:`.llm`): ``ttft`` to the first
+  non-empty content delta, ``itl`` between consecutive deltas, output tokens (the
+  stream's usage if it has one, else the deltas counted: ``usage_streams`` /
+  ``counted_streams``), tokens/s per stream (``stream_tps``: tokens over the stream's
+  latency) and in aggregate. A stream that ends without its terminator (``[DONE]``,
+  ``message_stop``) is an error (``incomplete``), one with an error event too
+  (``stream_error``).
+* ``mcp_method`` (:mod:`.mcp`): each slot is an MCP virtual user (initialize once,
+  ``notifications/initialized``, then the method in a loop with its session id);
+  ``latency`` per call, JSON-RPC errors by code (``rpc_errors``), sessions
+  re-initialized after a 404 (``mcp_reinitializations``).
+* ``cpu_seconds``: the generator process's own CPU time (``cpu_share`` of one core).
+
+HTTPS (``tls``): each connection is a TLS stream verified against ``ca_file`` or the
+system store for ``sni`` (else the host), unless ``insecure``; kept alive as over TCP.
 
 ``ttfb``, ``latency`` and ``first_event`` are recorded only for successful
 (non-4xx/5xx, complete) responses, so fast error replies never flatter them.
@@ -53,7 +72,12 @@ ends after ``requests`` starts or ``duration`` seconds, and every request
 ``duration + timeout`` (or ``ceil(requests / concurrency) * timeout``).
 
 Modules: ``spec`` (what to send and what was measured), ``wire`` (one slot's socket and the
-response-head parser), ``engine`` (the models, the request cycle and :func:`run_load`).
+response-head parser), ``exchange`` (connect, TLS, one request and its response),
+``engine`` (the models, the request cycle per mode and :func:`run_load`), ``bodies``
+(request bytes, templates), ``llm`` (token-stream parsers), ``mcp`` (JSON-RPC, sessions),
+``figures`` (figures by name, merging rounds), ``compare`` (interleaved rounds, ratios),
+``thresholds`` (``--fail-if``), ``report`` (rows, Markdown, JSON), ``console`` (rich
+output), ``charts`` (``--png``). The full reference is docs/loadtest.md.
 """
 
 from __future__ import annotations

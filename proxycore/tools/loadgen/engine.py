@@ -1,61 +1,81 @@
-"""The engine: the closed and open models, one request cycle (connect, send, read the
-response, stale retry) and :func:`run_load`."""
+"""The engine: the closed and open models, one request cycle per mode (plain, SSE, token
+stream, MCP call) and :func:`run_load`."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import random
-import re
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
 
-from ...http.chunked import ChunkedError, ChunkedScanner
-from ...net.stream import connect_tcp
 from ..hdr import Histogram
-from ..loadgen.spec import LoadProgress, LoadResult, LoadSpec, build_request
-from ..loadgen.wire import CHUNKED, RECV_BYTES, UNTIL_CLOSE, Malformed, Slot, Stale, parse_head
+from ..loadgen.bodies import RequestMaker
+from ..loadgen.exchange import Client, Reply, SSECounter
+from ..loadgen.llm import TokenStream
+from ..loadgen.mcp import MAX_REPLY_BYTES, REQUEST_HEADERS, McpUser, read_reply, session_id
+from ..loadgen.spec import LoadProgress, LoadResult, LoadSpec
+from ..loadgen.wire import Slot
 
 __all__ = ["run_load"]
 
-#: An SSE event larger than this (no blank line in sight) is dropped unparsed.
-MAX_SSE_EVENT_BYTES: Final = 1024 * 1024
 #: A slot pauses this long after a failed connect, so a closed port is not hammered.
 CONNECT_BACKOFF: Final = 0.01
 
-_T_NS: Final = re.compile(rb'"t_ns"\s*:\s*(\d+)')
 _perf = time.perf_counter
-_time_ns = time.time_ns
+
+
+class _Body:
+    """MCP: keeps a reply body (at most ``MAX_REPLY_BYTES``)."""
+
+    __slots__ = ("data", "over")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.over = False
+
+    def feed(self, data: memoryview, now: float) -> None:
+        if len(self.data) + len(data) > MAX_REPLY_BYTES:
+            self.over = True
+        else:
+            self.data += data
 
 
 class _Run:
     """The state of one run: the spec, counters and histograms, shared by its tasks."""
 
     def __init__(self, spec: LoadSpec) -> None:
+        if spec.mcp_method is not None:
+            names = {name.lower() for name, _ in spec.headers}
+            extra = tuple(h for h in REQUEST_HEADERS if h[0].lower() not in names)
+            spec_for_wire = dataclasses.replace(spec, headers=spec.headers + extra, method="POST")
+        else:
+            spec_for_wire = spec
         self.spec = spec
-        self.wire = build_request(spec)
-        self.head_request = spec.method.upper() == "HEAD"
-        self.recv_bytes = RECV_BYTES
-        if spec.read_rate is not None:
-            # Small reads, so the throttle keeps the average rate without bursts.
-            self.recv_bytes = max(1, min(4096, spec.read_rate // 10))
-        self.addresses: list[str] | None = None
+        self.maker = RequestMaker(spec_for_wire)
+        self.client = Client(spec)
         self.started = 0
         self.ok = 0
         self.dropped = 0
         self.in_flight = 0
-        self.connections = 0
-        self.body_bytes = 0
-        self.events = 0
         self.error_kinds: dict[str, int] = {}
         self.ttfb = Histogram()
         self.latency = Histogram()
         self.first_event = Histogram()
-        self.event_delay = Histogram()
-        self.connect_time = Histogram()
+        self.ttft = Histogram()
+        self.itl = Histogram()
+        self.queue = Histogram()
+        self.stream_tps: list[float] = []
+        self.output_tokens = 0
+        self.usage_streams = 0
+        self.counted_streams = 0
+        self.initializations = 0
+        self.reinitializations = 0
+        self.rpc_errors: dict[str, int] = {}
         self.deadline = math.inf
         self.t_start = 0.0
 
@@ -65,54 +85,74 @@ class _Run:
 
     # ------------------------------------------------------------------ models
 
-    async def closed_turn(self) -> bool:
-        """Closed model: may this slot start one more request?"""
+    async def closed_turn(self) -> float | None:
+        """Closed model: may this slot start one more request? (its start: now)"""
         spec = self.spec
         if spec.requests is not None and self.started >= spec.requests:
-            return False
-        return trio.current_time() < self.deadline
+            return None
+        return trio.current_time() if trio.current_time() < self.deadline else None
 
-    async def open_slot(self, arrivals: trio.MemoryReceiveChannel[None]) -> None:
-        """Open model: one slot, serving the arrivals it receives until the channel closes."""
+    async def open_slot(self, arrivals: trio.MemoryReceiveChannel[float]) -> None:
+        """Open model: one slot, serving the arrivals (intended start times) it receives
+        until the channel closes. An arrival that waited past the timeout is dropped."""
 
-        async def turn() -> bool:
-            try:
-                await arrivals.receive()
-            except trio.EndOfChannel:
-                return False
-            return True
+        async def turn() -> float | None:
+            while True:
+                try:
+                    at = await arrivals.receive()
+                except trio.EndOfChannel:
+                    return None
+                if trio.current_time() - at < self.spec.timeout:
+                    return at
+                self.dropped += 1
 
         async with arrivals:
             await self.slot(turn, turn_waits=True)
 
-    async def slot(self, turn: Callable[[], Awaitable[bool]], turn_waits: bool = False) -> None:
-        """Run requests one after another on one slot while ``turn()`` says so.
+    async def slot(
+        self, turn: Callable[[], Awaitable[float | None]], turn_waits: bool = False
+    ) -> None:
+        """Run requests one after another on one slot while ``turn()`` gives a start.
 
-        ``turn_waits``: ``turn()`` may block (open model), so no deadline may run then.
-
-        Each request runs under the slot's cancel scope with its deadline moved to
-        now + timeout (cheaper than a scope per request); when it fires, the request
-        in flight is counted as a timeout and the slot goes on with a fresh scope.
+        ``turn()`` returns the request's intended start (trio clock), or None to stop;
+        ``turn_waits``: it may block (open model), so no deadline may run then. Each
+        request runs under the slot's cancel scope with its deadline at its start +
+        timeout (cheaper than a scope per request); when it fires, the request in flight
+        is counted as a timeout and the slot goes on with a fresh scope.
         """
         slot = Slot()
+        user = McpUser(self.spec.mcp_method, self.spec.mcp_params) if self.spec.mcp_method else None
         timeout = self.spec.timeout
         more = True
         try:
             while more:
                 with trio.CancelScope() as scope:
-                    while more := await turn():
-                        scope.deadline = trio.current_time() + timeout
+                    while (at := await turn()) is not None:
+                        now = trio.current_time()
+                        scope.deadline = at + timeout
                         self.started += 1
                         self.in_flight += 1
-                        kind = await self._attempt(slot)
+                        if turn_waits:
+                            self.queue.record(max(now - at, 0.0))
+                        # Open model: timings from the intended start (perf clock), so
+                        # waiting for a slot counts; closed: from the send (None).
+                        origin = _perf() - (now - at) if turn_waits else None
+                        if user is not None:
+                            kind = await self._mcp(slot, user, origin)
+                        else:
+                            kind = await self._request(slot, self.started, origin)
                         self._done(kind)
-                        if kind == "connect":
+                        if kind in ("connect", "tls"):
                             scope.deadline = math.inf
                             await trio.sleep(CONNECT_BACKOFF)
                         if turn_waits:
                             scope.deadline = math.inf
+                    more = False
                 if scope.cancelled_caught:
+                    more = True
                     slot.close()
+                    if user is not None:
+                        user.ready = False
                     self._done("timeout")
         finally:
             slot.close()
@@ -124,8 +164,8 @@ class _Run:
         else:
             self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
 
-    async def dispatch(self, arrivals: trio.MemorySendChannel[None]) -> None:
-        """Open model: hand arrivals to idle slots on schedule; count the rest as dropped."""
+    async def dispatch(self, arrivals: trio.MemorySendChannel[float]) -> None:
+        """Open model: queue arrivals (their intended start) on schedule for the slots."""
         spec = self.spec
         assert spec.rate is not None
         rate = spec.rate
@@ -137,10 +177,7 @@ class _Run:
             while (spec.requests is None or n < spec.requests) and at < self.deadline:
                 await trio.sleep_until(at)
                 n += 1
-                try:
-                    arrivals.send_nowait(None)
-                except trio.WouldBlock:
-                    self.dropped += 1
+                arrivals.send_nowait(at)
                 if spec.arrivals == "poisson":
                     at += rng.expovariate(rate)
                 else:
@@ -164,213 +201,118 @@ class _Run:
             ttfb_p99=p99,
         )
 
-    # ------------------------------------------------------------------ one request
+    # ------------------------------------------------------------------ one cycle
 
-    async def _attempt(self, slot: Slot) -> str | None:
-        """One request on ``slot``: None on success, else the error kind."""
-        reused = slot.sock is not None
-        if not reused and not await self._connect(slot):
-            return "connect"
-        try:
-            return await self._exchange(slot, reused)
-        except Stale:
-            slot.close()
-        if not await self._connect(slot):
-            return "connect"
-        return await self._exchange(slot, False)
-
-    async def _connect(self, slot: Slot) -> bool:
+    async def _request(self, slot: Slot, n: int, origin: float | None) -> str | None:
+        """A plain, ``sse`` or token-stream request; timings from ``origin``."""
         spec = self.spec
-        t0 = _perf()
-        try:
-            if self.addresses is None:  # resolved once per run
-                infos = await trio.socket.getaddrinfo(
-                    spec.host, spec.port, type=trio.socket.SOCK_STREAM
-                )
-                self.addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-            sock = None
-            for address in self.addresses:
-                try:
-                    sock = await connect_tcp(address, spec.port)  # numeric: no resolver call
-                    break
-                except OSError:
-                    continue
-            if sock is None:
-                return False
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            return False
-        self.connect_time.record(_perf() - t0)
-        self.connections += 1
-        slot.sock = sock
-        slot.drained = True
-        slot.run = 0
-        return True
+        wire = self.maker.request(n)
+        if spec.stream is not None:
+            tokens = TokenStream(spec.stream)
+            kind, reply = await self.client.attempt(slot, wire, tokens)
+            if kind is None:
+                kind = self._tokens(tokens, reply, origin)
+            return kind
+        counter = SSECounter(self.client) if spec.sse else None
+        kind, reply = await self.client.attempt(slot, wire, counter)
+        if kind is None:
+            self._timed(reply, origin)
+            if counter is not None and counter.first >= 0:
+                start = reply.sent if origin is None else origin
+                self.first_event.record(counter.first - start)
+        return kind
 
-    async def _exchange(self, slot: Slot, reused: bool) -> str | None:
-        """Send the request on the slot's connection and read the whole response.
+    def _timed(self, reply: Reply, origin: float | None) -> float:
+        """Record ttfb and latency; return the origin used."""
+        start = reply.sent if origin is None else origin
+        self.ttfb.record(reply.first_byte - start)
+        self.latency.record(reply.end - start)
+        return start
 
-        Returns None on success or the error kind; closes the connection unless it
-        can be reused. Raises ``Stale`` if ``reused`` and the connection died before
-        any response byte.
-        """
-        t0 = _perf()
-        try:
-            await slot.send_all(self.wire)
-        except OSError:
-            slot.close()
-            if reused:
-                raise Stale from None
-            return "reset"
-        try:
-            return await self._response(slot, reused, t0)
-        except Malformed:
-            slot.close()
-            return "protocol"
-        except ChunkedError:
-            slot.close()
-            return "protocol"
-        except OSError:
-            slot.close()
-            return "reset"
-
-    async def _response(self, slot: Slot, reused: bool, t0: float) -> str | None:
-        spec = self.spec
-        sse = spec.sse
-        read_rate = spec.read_rate
-        nbytes = self.recv_bytes
-        buf = slot.buf
-        slot.drained = True  # the response cannot be there yet: wait for it
-        got = 0  # response bytes received
-        ttfb = 0.0
-        throttle_start = 0.0
-        now = t0
-        now_ns = 0
-
-        async def fill() -> int:
-            nonlocal got, ttfb, now, now_ns, throttle_start
-            try:
-                n = await slot.fill(nbytes)
-            except OSError:
-                if reused and not got:
-                    raise Stale from None
-                raise
-            now = _perf()
-            if sse:
-                now_ns = _time_ns()
-            if not n:
-                if reused and not got:
-                    raise Stale
-                return 0
-            if not got:
-                ttfb = now - t0
-                if read_rate is not None:
-                    throttle_start = trio.current_time()
-            got += n
-            if read_rate is not None:
-                due = throttle_start + got / read_rate
-                if due > trio.current_time():
-                    await trio.sleep_until(due)
-            return n
-
-        # The head (skipping 1xx heads).
-        while True:
-            k = buf.find(b"\r\n\r\n", slot.lo, slot.hi)
-            if k >= 0:
-                head = bytes(buf[slot.lo : k + 4])
-                slot.lo = k + 4
-                status, framing, reusable = parse_head(head, self.head_request)
-                if status >= 200:
-                    break
-                if status == 101:
-                    raise Malformed("unexpected protocol switch")
-                continue
-            if not await fill():
-                slot.close()
-                return "reset"
-
-        # The body.
-        scanner = ChunkedScanner() if framing == CHUNKED else None
-        pending = bytearray()
-        first_event = -1.0
-        spans: list[tuple[int, int]] = []
-        remaining = framing
-        while True:
-            lo, hi = slot.lo, slot.hi
-            if hi > lo:
-                if scanner is not None:
-                    spans.clear()
-                    slot.lo = scanner.feed(buf, lo, hi, spans)
-                    done = scanner.done
-                elif remaining >= 0:
-                    take = min(remaining, hi - lo)
-                    spans = [(lo, lo + take)]
-                    slot.lo = lo + take
-                    remaining -= take
-                    done = not remaining
-                else:
-                    spans = [(lo, hi)]
-                    slot.lo = hi
-                    done = False
-                for s, e in spans:
-                    self.body_bytes += e - s
-                    if sse and self._sse(pending, slot.view[s:e], now_ns) and first_event < 0:
-                        first_event = now - t0
-            else:
-                done = remaining == 0
-            if done:
-                break
-            if not await fill():
-                if framing != UNTIL_CLOSE:
-                    slot.close()
-                    return "reset"
-                break
-
-        end = _perf()
-        if reusable and spec.keepalive and slot.lo == slot.hi:
-            slot.lo = slot.hi = 0
-        else:  # Connection: close, close-delimited, or bytes after the response
-            slot.close()
-        if status >= 500:
-            return "status_5xx"
-        if status >= 400:
-            return "status_4xx"
-        self.ttfb.record(ttfb)
-        self.latency.record(end - t0)
-        if first_event >= 0:
-            self.first_event.record(first_event)
+    def _tokens(self, tokens: TokenStream, reply: Reply, origin: float | None) -> str | None:
+        if tokens.failed:
+            return "stream_error"
+        if not tokens.terminated:
+            return "incomplete"
+        start = self._timed(reply, origin)
+        deltas = tokens.deltas
+        if deltas:
+            self.ttft.record(deltas[0] - start)
+            for a, b in itertools.pairwise(deltas):
+                self.itl.record(b - a)
+        count = tokens.tokens
+        self.output_tokens += count
+        if tokens.usage_tokens is not None:
+            self.usage_streams += 1
+        else:
+            self.counted_streams += 1
+        span = reply.end - start
+        if span > 0:
+            self.stream_tps.append(count / span)
         return None
 
-    def _sse(self, pending: bytearray, data: memoryview, now_ns: int) -> int:
-        """Feed body bytes to the SSE splitter; count and time the events completed.
+    async def _post(
+        self, slot: Slot, user: McpUser, body: bytes
+    ) -> tuple[str | None, Reply, _Body]:
+        kept = _Body()
+        try:
+            wire = self.maker.with_body(body, user.headers())
+        except ValueError:  # a session id that is no header value
+            user.session = None
+            return "protocol", Reply(), kept
+        kind, reply = await self.client.attempt(slot, wire, kept)
+        if kind is None and kept.over:
+            kind = "protocol"
+        return kind, reply, kept
 
-        Returns how many events with a data field were completed by ``data``.
-        """
-        pending += data
-        if b"\r" in pending:  # CRLF (or CR) line endings: normalise to LF
-            # A trailing CR may be the first half of a CRLF split across reads: keep it.
-            tail = pending.endswith(b"\r")
-            lines = pending[:-1] if tail else pending
-            pending[:] = lines.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            if tail:
-                pending += b"\r"
-        start = 0
-        completed = 0
-        while (end := pending.find(b"\n\n", start)) != -1:
-            if pending.startswith(b"data:", start) or pending.find(b"\ndata:", start, end) != -1:
-                completed += 1
-                match = _T_NS.search(pending, start, end)
-                if match is not None:
-                    self.event_delay.record((now_ns - int(match[1])) / 1e9)
-            start = end + 2
-        if start:
-            del pending[:start]
-        if len(pending) > MAX_SSE_EVENT_BYTES:
-            pending.clear()
-        self.events += completed
-        return completed
+    async def _initialize(self, slot: Slot, user: McpUser) -> str | None:
+        user.session = None
+        user.ready = False
+        self.initializations += 1
+        want, body = user.initialize()
+        kind, reply, kept = await self._post(slot, user, body)
+        if kind is not None:
+            return kind
+        ok, code = read_reply(reply.head, bytes(kept.data), want)
+        if not ok:
+            return self._rpc_error(code)
+        user.session = session_id(reply.head)
+        kind, reply, _ = await self._post(slot, user, user.initialized())
+        user.ready = kind is None
+        return kind
 
-    def result(self, elapsed: float) -> LoadResult:
+    def _rpc_error(self, code: int | None) -> str:
+        if code is None:
+            return "protocol"
+        self.rpc_errors[str(code)] = self.rpc_errors.get(str(code), 0) + 1
+        return "jsonrpc"
+
+    async def _mcp(self, slot: Slot, user: McpUser, origin: float | None) -> str | None:
+        """One MCP call (initializing first if the user has no session yet; once more
+        after a 404 for its session). Latency from ``origin``."""
+        if not user.ready:
+            kind = await self._initialize(slot, user)
+            if kind is not None:
+                return kind
+        want, body = user.call()
+        kind, reply, kept = await self._post(slot, user, body)
+        if reply.status == 404 and user.session is not None:
+            self.reinitializations += 1
+            kind = await self._initialize(slot, user)
+            if kind is not None:
+                return kind
+            want, body = user.call()
+            kind, reply, kept = await self._post(slot, user, body)
+        if kind is not None:
+            return kind
+        ok, code = read_reply(reply.head, bytes(kept.data), want)
+        if not ok:
+            return self._rpc_error(code)
+        self._timed(reply, origin)
+        return None
+
+    def result(self, elapsed: float, cpu: float) -> LoadResult:
+        client = self.client
         return LoadResult(
             spec=self.spec,
             ok=self.ok,
@@ -381,12 +323,23 @@ class _Run:
             ttfb=self.ttfb,
             latency=self.latency,
             first_event=self.first_event,
-            event_delay=self.event_delay,
-            body_bytes=self.body_bytes,
-            events=self.events,
+            event_delay=client.event_delay,
+            body_bytes=client.body_bytes,
+            events=client.events,
             started=self.started,
-            connections=self.connections,
-            connect=self.connect_time,
+            connections=client.connections,
+            connect=client.connect_time,
+            ttft=self.ttft,
+            itl=self.itl,
+            stream_tps=self.stream_tps,
+            output_tokens=self.output_tokens,
+            usage_streams=self.usage_streams,
+            counted_streams=self.counted_streams,
+            queue=self.queue,
+            mcp_initializations=self.initializations,
+            mcp_reinitializations=self.reinitializations,
+            rpc_errors=dict(self.rpc_errors),
+            cpu_seconds=cpu,
         )
 
 
@@ -409,6 +362,7 @@ async def run_load(
         raise ValueError("progress_interval must be a finite number > 0")
     run = _Run(spec)
     run.t_start = _perf()
+    cpu0 = time.process_time()
     if spec.duration is not None:
         run.deadline = trio.current_time() + spec.duration
     async with trio.open_nursery() as outer:
@@ -419,10 +373,10 @@ async def run_load(
                 for _ in range(spec.concurrency):
                     slots.start_soon(run.slot, run.closed_turn)
             else:
-                send, receive = trio.open_memory_channel[None](0)
+                send, receive = trio.open_memory_channel[float](math.inf)
                 for _ in range(spec.concurrency):
                     slots.start_soon(run.open_slot, receive.clone())
                 receive.close()
                 slots.start_soon(run.dispatch, send)
         outer.cancel_scope.cancel()
-    return run.result(_perf() - run.t_start)
+    return run.result(_perf() - run.t_start, time.process_time() - cpu0)

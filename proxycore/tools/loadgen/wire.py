@@ -1,5 +1,5 @@
-"""One concurrency slot's connection (raw non-blocking socket, one receive buffer) and the
-response-head parser: only the status line and the framing fields are read."""
+"""One concurrency slot's connection (raw non-blocking socket, or TLS over it; one receive
+buffer) and the response-head parser: only the status line and the framing fields are read."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class Slot:
     Unparsed bytes are ``buf[lo:hi]``; reads append at ``hi``.
     """
 
-    __slots__ = ("buf", "drained", "hi", "lo", "run", "sock", "view")
+    __slots__ = ("buf", "drained", "hi", "lo", "run", "sock", "tls", "view")
 
     def __init__(self) -> None:
         self.buf = bytearray(RECV_BYTES)
@@ -99,11 +99,14 @@ class Slot:
         self.lo = 0
         self.hi = 0
         self.sock: socket.socket | None = None
+        #: HTTPS: the TLS stream over ``sock`` (reads and writes go through it).
+        self.tls: trio.SSLStream[trio.SocketStream] | None = None
         self.drained = True
         self.run = 0
 
     def close(self) -> None:
         sock = self.sock
+        self.tls = None
         if sock is not None:
             self.sock = None
             trio.lowlevel.notify_closing(sock)
@@ -113,6 +116,12 @@ class Slot:
     async def send_all(self, data: bytes) -> None:
         sock = self.sock
         assert sock is not None
+        if self.tls is not None:
+            try:
+                await self.tls.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise OSError(f"TLS stream broken: {exc}") from None
+            return
         view = memoryview(data)
         sent = 0
         while sent < len(view):
@@ -137,6 +146,8 @@ class Slot:
             self.buf[:size] = self.buf[self.lo : self.hi]
             self.lo, self.hi = 0, size
         nbytes = min(nbytes, len(self.buf) - self.hi)
+        if self.tls is not None:
+            return await self._fill_tls(nbytes)
         if self.drained:  # a short read emptied the socket: wait instead of a failing recv
             await trio.lowlevel.wait_readable(sock)
             self.run = 0
@@ -154,4 +165,15 @@ class Slot:
         if self.run >= YIELD_EVERY:  # fairness: reads that never waited never yielded
             self.run = 0
             await trio.lowlevel.checkpoint()
+        return n
+
+    async def _fill_tls(self, nbytes: int) -> int:
+        assert self.tls is not None
+        try:
+            data = await self.tls.receive_some(nbytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise OSError(f"TLS stream broken: {exc}") from None
+        n = len(data)
+        self.buf[self.hi : self.hi + n] = data
+        self.hi += n
         return n
