@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from proxycore import Config, Hooks, Request, Response, Route
-from proxycore.config import Inbound
+from proxycore.config import Inbound, RetryPolicy, UpstreamEntry
 from proxycore.proxy.asgi import ProxyApp
 from proxycore.security.secrets import generate_secret
 from tests.apps import echo_app, sse_event
@@ -657,3 +657,46 @@ async def test_on_request_hook_sees_the_same_request_view_as_native() -> None:
         )
     assert seen == [("/a/b", "?x=1")]
     assert sent[-1]["body"] == b"hooked"
+
+
+async def test_group_route_retries_a_503_with_the_body_replayed_under_asgi(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The ASGI front end shares the group core: a small POST body is gathered, a 503 is
+    retried on the other upstream with the body intact, a refused upstream is skipped."""
+    caplog.set_level(logging.INFO, logger="proxycore.access")
+    seen: list[bytes] = []
+
+    async def unavailable(stream: trio.SocketStream) -> None:
+        seen.append(await read_until(stream, b"\r\n\r\n"))
+        await stream.send_all(b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            busy = await start_raw_server(nursery, unavailable)
+            up_host, up_port = await start_app(nursery, echo_app)
+            route = Route(
+                prefix="/",
+                upstreams=(
+                    UpstreamEntry(f"http://127.0.0.1:{busy}/", name="busy"),
+                    UpstreamEntry(f"http://{up_host}:{up_port}/", name="echo"),
+                ),
+                balance="round_robin",
+                retry=RetryPolicy(attempts=2, on=("503",)),
+            )
+            app = ProxyApp(Config(routes=(route,)))
+            host, port = await start(nursery, app)
+            payload = b'{"model": "m", "messages": []}'
+            for _ in range(4):
+                status, _, body = await http_request(host, port, "POST", "/v1", body=payload)
+                assert status == 200, body
+                echoed = json.loads(body)
+                assert echoed["body_sha256"] == hashlib.sha256(payload).hexdigest()
+            nursery.cancel_scope.cancel()
+    assert len(seen) == 2  # round robin sent every other request to "busy" first
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "proxycore.access"]
+    retried = [line["attempts"] for line in lines if "attempts" in line]
+    assert (
+        retried
+        == [[{"upstream": "busy", "outcome": "503"}, {"upstream": "echo", "outcome": "200"}]] * 2
+    )
