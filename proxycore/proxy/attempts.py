@@ -157,13 +157,16 @@ class Attempts:
         self.record.upstream = member.spec.label
 
     def _next(self, member: Member, outcome: str, now: float) -> Member | None:
-        """Another member for a retry after ``outcome`` on ``member``, or None."""
+        """Another member for a retry after ``outcome`` on ``member``, or None. A retry
+        after a connect error is outside the budget: nothing reached any upstream."""
         if self.pinned is not None or self.group.single is not None:
             return None
         if len(self.tried) >= self.policy.attempts:
             return None
         nxt = self.group.pick(now, key=self.key, tried=self.tried)
-        if nxt is None or not self.group.budget.allow(now):
+        if nxt is None:
+            return None
+        if outcome != "connect_error" and not self.group.budget.allow(now):
             return None
         record = self.record
         if record.attempts is None:

@@ -85,7 +85,10 @@ class ClientConnection:
                 if request is None:
                     break
                 first = False
-                outcome = await Exchange(self, state, request, self.pending, snapshot).run()
+                # The config of the exchange is the one in force when its head arrived
+                # (a reload while this connection idled applies to this request).
+                exchange = Exchange(self, state, request, self.pending, state.snapshot)
+                outcome = await exchange.run()
                 self.pending = outcome.leftover
                 self.linger |= outcome.linger
                 # A cut write (part of a write left, then it failed or was cancelled): the

@@ -177,6 +177,7 @@ def _groups(config: Config, previous: Snapshot | None) -> tuple[UpstreamGroup, .
             balance=route.balance,
             retry=route.retry_policy,
             outlier=route.outlier_policy,
+            checked=route.health_check is not None,
             previous=before.get(route.prefix),
         )
         for route in config.routes

@@ -8,23 +8,21 @@ Every mode honours weights:
   ``a a b a c a a``: the heavy one spread out, not in a burst).
 - ``random_two``: two candidates drawn by weight, the one with fewer active
   streams per weight wins (power of two choices).
-- ``hash``: a consistent-hash ring with ``VNODES`` points per unit of weight;
-  a key goes to the first candidate clockwise from its point, so adding or
-  removing an upstream moves only the keys of its own points.
+- ``hash``: consistent hashing by weighted rendezvous (highest random weight):
+  every key's share follows the weights exactly, and adding or removing an
+  upstream moves only the keys that upstream wins or held (a ring's minimum,
+  without a ring's uneven arcs).
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
+import math
 import random
 from collections.abc import Sequence
 from typing import Final, Protocol
 
-__all__ = ["VNODES", "Candidate", "HashRing", "least_connections", "random_two", "smooth_wrr"]
-
-#: Ring points per unit of weight (Envoy's ring_hash uses 1024 in all by default).
-VNODES: Final = 160
+__all__ = ["Candidate", "HashRing", "least_connections", "random_two", "smooth_wrr"]
 
 
 class Candidate(Protocol):
@@ -72,38 +70,44 @@ def random_two(candidates: Sequence[Candidate], rng: random.Random) -> Candidate
     return b if b.active / b.weight < a.active / a.weight else a
 
 
-def _point(data: bytes) -> int:
+def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-class HashRing:
-    """A consistent-hash ring over named members (``VNODES`` x weight points each)."""
+_MASK: Final = (1 << 64) - 1
 
-    __slots__ = ("_owners", "_points")
+
+def _mix(x: int) -> int:
+    """splitmix64's finalizer: a cheap, well-spread 64-bit mix of ``x``."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
+    return x ^ (x >> 31)
+
+
+class HashRing:
+    """Consistent hashing by weighted rendezvous (highest random weight) over named members.
+
+    Each member scores ``weight / -ln(u)`` for a key, ``u`` uniform in (0, 1) from the key
+    and the member's name; the highest available score wins. A member's share is exactly
+    its weight's share (no ring points to be unlucky with), and adding or removing one
+    moves only the keys it wins or held: the minimum any consistent hash can move.
+    """
+
+    __slots__ = ("_members",)
 
     def __init__(self, members: Sequence[tuple[str, int]]) -> None:
         """``members``: ``(name, weight)`` pairs; lookups answer indexes into it."""
-        ring = sorted(
-            (_point(f"{name}#{i}".encode()), index)
-            for index, (name, weight) in enumerate(members)
-            for i in range(VNODES * weight)
-        )
-        self._points = [p for p, _ in ring]
-        self._owners = [i for _, i in ring]
+        self._members = tuple((_hash64(name.encode()), float(weight)) for name, weight in members)
 
     def lookup(self, key: bytes, allowed: Sequence[bool]) -> int | None:
-        """The first member clockwise from ``key``'s point whose ``allowed`` flag is set."""
-        points, owners = self._points, self._owners
-        n = len(points)
-        if not n:
-            return None
-        start = bisect.bisect(points, _point(key))
-        seen: set[int] = set()
-        for step in range(n):
-            owner = owners[(start + step) % n]
-            if allowed[owner]:
-                return owner
-            seen.add(owner)
-            if len(seen) == len(allowed):
-                break
-        return None
+        """The member with the highest score for ``key`` among those ``allowed``."""
+        k = _hash64(key)
+        best, best_score = None, -1.0
+        for index, (seed, weight) in enumerate(self._members):
+            if not allowed[index]:
+                continue
+            u = ((_mix(k ^ seed) >> 11) + 0.5) / (1 << 53)  # in (0, 1)
+            score = weight / -math.log(u)
+            if score > best_score:
+                best, best_score = index, score
+        return best

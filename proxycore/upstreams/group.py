@@ -156,11 +156,13 @@ class UpstreamGroup:
         balance: str = "least_connections",
         retry: RetryPolicy,
         outlier: Outlier | None = None,
+        checked: bool = False,
         previous: UpstreamGroup | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        """``previous``: this route's group in the snapshot being replaced (members with
-        the same key keep their state)."""
+        """``checked``: active health checks run on this group (else every member is up).
+        ``previous``: this route's group in the snapshot being replaced (members with the
+        same key keep their state)."""
         self.route = route
         kept = {m.key(): m for m in previous.members} if previous is not None else {}
         members: list[Member] = []
@@ -170,6 +172,8 @@ class UpstreamGroup:
             if old is not None:
                 old.spec, old.weight = spec, spec.weight
                 member = old
+            if not checked:  # nothing would ever mark it up again
+                member.healthy, member.up_run, member.down_run = True, 0, 0
             members.append(member)
         self.members: tuple[Member, ...] = tuple(members)
         self.single = members[0] if len(members) == 1 else None
