@@ -29,7 +29,7 @@ from typing import Final
 import trio
 
 from ..config import RetryPolicy
-from ..errors import SessionNotFound
+from ..errors import BadRequest, SessionNotFound
 from ..http.headers import Headers
 from ..observe.accesslog import ExchangeRecord
 from ..upstreams.affinity import SessionIds
@@ -75,7 +75,10 @@ class Affinity:
     def pinned(self, headers: Headers, now: float) -> Member | None:
         """The member the request's session belongs to (the header is replaced with the
         upstream's own id), None without a session id. Raises :class:`SessionNotFound`
-        for an id that is not ours, or whose upstream is gone or out."""
+        for an id that is not ours, or whose upstream is gone or out, and
+        :class:`BadRequest` for two ids (one could pin, the other reach the upstream)."""
+        if sum(1 for name, _ in headers if name.lower() == SESSION_HEADER) > 1:
+            raise BadRequest("the Mcp-Session-Id field appears twice")
         for index, (name, value) in enumerate(headers):
             if name.lower() == SESSION_HEADER:
                 unwrapped = self.ids.unwrap(value.strip())

@@ -19,7 +19,8 @@ from proxycore.config import (
     UpstreamEntry,
     UpstreamSpec,
 )
-from proxycore.proxy.attempts import hash_key, retry_after_seconds
+from proxycore.errors import BadRequest, SessionNotFound
+from proxycore.proxy.attempts import Affinity, hash_key, retry_after_seconds
 from proxycore.upstreams.affinity import SessionIds, load_key
 from proxycore.upstreams.balance import HashRing, least_connections, random_two, smooth_wrr
 from proxycore.upstreams.group import MIN_RETRIES, Member, RetryBudget, UpstreamGroup
@@ -311,3 +312,25 @@ def test_entry_values_are_never_echoed() -> None:
     with pytest.raises(ConfigError) as info:
         Route("/v1/", upstreams=(UpstreamEntry("http://user:sk-secret@a/"),))
     assert "sk-secret" not in str(info.value)
+
+
+def test_affinity_pins_restores_the_id_and_refuses_forgeries_and_doubles() -> None:
+    g = group(spec("a"), spec("b"))
+    a, b = g.members
+    affinity = Affinity(SessionIds(b"k" * 32), g)
+    headers: list[tuple[bytes, bytes]] = [(b"Mcp-Session-Id", b"up-1")]
+    affinity.wrap_response(b, headers)
+    wrapped = headers[0][1]
+    request = [(b"mcp-session-id", wrapped)]
+    assert affinity.pinned(request, 0.0) is b and request == [(b"mcp-session-id", b"up-1")]
+    assert affinity.pinned([(b"accept", b"*/*")], 0.0) is None
+    with pytest.raises(SessionNotFound):
+        affinity.pinned([(b"Mcp-Session-Id", b"up-1")], 0.0)  # a raw upstream id
+    with pytest.raises(BadRequest):
+        affinity.pinned([(b"Mcp-Session-Id", wrapped), (b"Mcp-Session-Id", b"up-9")], 0.0)
+    b.ejected_until = 10.0
+    with pytest.raises(SessionNotFound):
+        affinity.pinned([(b"Mcp-Session-Id", wrapped)], 0.0)  # its upstream is out
+    b.ejected_until, b.busy_until = 0.0, 10.0
+    assert affinity.pinned([(b"Mcp-Session-Id", wrapped)], 0.0) is b  # busy keeps sessions
+    assert a.requests == 0
