@@ -18,6 +18,7 @@ from .model import (
     Tunnel,
     WebSocketSettings,
 )
+from .state import StateSettings
 
 __all__ = [
     "AdminSettings",
@@ -33,6 +34,7 @@ __all__ = [
     "Route",
     "SSESettings",
     "ServerSettings",
+    "StateSettings",
     "Timeouts",
     "Tunnel",
     "Upstream",

@@ -43,6 +43,7 @@ from ..config.model import (
     Tunnel,
     WebSocketSettings,
 )
+from ..config.state import StateSettings
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -64,6 +65,7 @@ class Config:
     admin: AdminSettings = AdminSettings()
     tunnel: Tunnel = Tunnel()
     source: str | None = None
+    state: StateSettings = StateSettings()
 
     def __post_init__(self) -> None:
         p = Problems()
@@ -83,6 +85,7 @@ class Config:
         instance(p, self, "inbound", Inbound)
         instance(p, self, "admin", AdminSettings)
         instance(p, self, "tunnel", Tunnel)
+        instance(p, self, "state", StateSettings)
         typed(p, self, "source", str, optional=True)
         if not p.items:
             self._add_tunnel_route(p)
@@ -150,7 +153,7 @@ class Config:
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{source}: expected a table at the top level, got {describe(raw)}")
         p = Problems()
-        known = ("server", "timeouts", "pool", "inbound", "admin", "tunnel", "routes")
+        known = ("server", "timeouts", "pool", "inbound", "admin", "tunnel", "state", "routes")
         _check_keys(p, raw, "", known)
         base_dir = os.path.dirname(os.path.abspath(source))
         server_table = raw.get("server", {})
@@ -169,6 +172,11 @@ class Config:
         inbound = _build(p, Inbound, inbound_table, "inbound")
         admin = _build(p, AdminSettings, raw.get("admin", {}), "admin")
         tunnel = _build(p, Tunnel, raw.get("tunnel", {}), "tunnel")
+        state_raw = raw.get("state", {})
+        if isinstance(state_raw, Mapping) and isinstance(state_raw.get("relay_secret_file"), str):
+            secret_path = os.path.join(base_dir, state_raw["relay_secret_file"])
+            state_raw = {**state_raw, "relay_secret_file": secret_path}
+        state = _build(p, StateSettings, state_raw, "state")
         routes: list[tuple[int, Route]] = []
         raw_routes = raw.get("routes", ())
         if not isinstance(raw_routes, list | tuple):
@@ -192,6 +200,7 @@ class Config:
                 admin=admin or AdminSettings(),
                 tunnel=tunnel or Tunnel(),
                 source=source,
+                state=state or StateSettings(),
             )
         except ConfigError as exc:
             raise ConfigError(f"{source}: {problem}" for problem in exc.problems) from None

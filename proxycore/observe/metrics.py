@@ -74,6 +74,8 @@ class Gauges(NamedTuple):
     tunnel_sessions: int = 0
     #: The upstreams of every route's group.
     upstreams: tuple[UpstreamStats, ...] = ()
+    #: ``[state]`` backend reachable (None: no ``[state] redis``, no gauge).
+    state_backend_up: bool | None = None
 
 
 class UpstreamStats(NamedTuple):
@@ -131,6 +133,12 @@ class _StateCollector(Collector):
             "Open reverse-tunnel sessions.",
             value=now.tunnel_sessions,
         )
+        if now.state_backend_up is not None:
+            yield GaugeMetricFamily(
+                "proxycore_state_backend_up",
+                "1 while the [state] backend (Redis) answers, 0 while it is away.",
+                value=1 if now.state_backend_up else 0,
+            )
         yield from _upstream_families(now.upstreams)
 
 

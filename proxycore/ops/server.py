@@ -38,7 +38,7 @@ from ..proxy.state import ProxyState, Snapshot
 from ..security.admission import exposure_problem
 from ..security.secrets import SecretError
 from ..tunnel.relay import PEERS
-from ..tunnel.relay_server import serve_relay
+from ..tunnel.relay_server import serve_relay, serve_replica_relay
 from ..upstreams.group import UpstreamGroup
 from ..upstreams.health import run_health_checks
 
@@ -147,6 +147,8 @@ class Server:
                 "reload: listen/admin address changes need a restart; still on %s",
                 ", ".join(bound.server.listen),
             )
+        if config.state != bound.state:  # the backend is made once, at start
+            log.warning("reload: [state] changes need a restart; the old settings stay")
         self.config = config
         self._start_health_checks(snapshot)
         log.info("reloaded config (generation %d)", snapshot.generation)
@@ -230,6 +232,11 @@ class Server:
                     self.admin_address = await nursery.start(serve_admin, app, *admin)
                 if PEERS is not None:  # a worker of serve --workers N: the tunnel relay
                     await nursery.start(serve_relay, PEERS, lambda: state.tunnel)
+                if state.shared is not None:  # [state]: limits, leases, tunnel sessions
+                    await nursery.start(state.shared.run)
+                    if config.state.relay_listen and state.tunnel is not None:
+                        args = (state.shared, state.tunnel, config.state)
+                        await nursery.start(serve_replica_relay, *args)
                 for listener in listeners:
                     nursery.start_soon(self._listen, listener, limit)
                 for host, port in bound:

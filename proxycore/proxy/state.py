@@ -22,6 +22,7 @@ from ..proxy.attempts import Affinity
 from ..proxy.hooks import Hooks
 from ..security.admission import Security
 from ..security.secrets import SecretError
+from ..store.runtime import SharedState
 from ..tunnel.relay import PEERS
 from ..tunnel.sessions import Registry
 from ..upstreams.affinity import SessionIds, load_key
@@ -56,6 +57,8 @@ class ProxyState:
         self.hooks = hooks or Hooks()
         self.transcripts = TranscriptWriters()
         self.pool = Pool(config.pool)
+        #: ``[state]``: what replicas share (fixed at start; the server runs it).
+        self.shared = SharedState(config.state) if config.state.enabled else None
         self.snapshot = self.prepare(config, 1)
         self.open_connections = 0
         self.exchanges_in_flight = 0
@@ -82,6 +85,7 @@ class ProxyState:
             pool_busy=dict(pool.busy),
             tunnel_sessions=len(self.tunnel) if self.tunnel is not None else 0,
             upstreams=self.upstream_stats(),
+            state_backend_up=None if self.shared is None else self.shared.up,
         )
 
     def upstream_stats(self) -> tuple[UpstreamStats, ...]:
@@ -127,7 +131,8 @@ class ProxyState:
     ) -> Snapshot:
         """Build a snapshot (reads secrets and tokens) without installing it; the rate-limit
         state of ``previous``'s unchanged routes is carried over (see ``Security``)."""
-        security = Security(config, self.pool, previous.security if previous else None)
+        before = previous.security if previous else None
+        security = Security(config, self.pool, before, shared=self.shared)
         groups = _groups(config, previous)
         ids = _session_ids(config)
         affinities = tuple(

@@ -49,6 +49,9 @@ from ..security.forward_auth import ForwardAuth
 from ..security.policy import Policy, Refusal
 from ..security.ratelimit import ConcurrencyLimit, TokenBucket
 from ..security.secrets import InboundSecrets, SecretError, TokenSource, parse_bearer
+from ..store.backend import Unavailable
+from ..store.limits import SharedLimits
+from ..store.runtime import SharedState
 
 __all__ = ["Admission", "Security", "exposure_problem"]
 
@@ -152,6 +155,12 @@ class RouteGuard:
                 if limit and limit.max_concurrent_streams
                 else None
             )
+        shared = security.shared  # [state]: limits shared by every replica (local: fallback)
+        self.shared = (
+            SharedLimits(shared.backend, shared.leases, route.prefix, limit)
+            if shared is not None and limit
+            else None
+        )
 
     async def admit(
         self,
@@ -161,7 +170,8 @@ class RouteGuard:
         client_ip: str,
     ) -> Admission:
         """Admit the request or raise the :class:`ProxyError` that refuses it. A checkpoint
-        only with forward auth. Every decision uses ``view`` (the normalized target) and
+        with forward auth and with ``[state]``'s shared limits (one backend call, bounded
+        by ``[state] timeout``). Every decision uses ``view`` (the normalized target) and
         ``client_ip`` (see :func:`proxycore.request_head.client_address`)."""
         for name in self.singletons:
             if _count(headers, name) > 1:
@@ -178,7 +188,7 @@ class RouteGuard:
             raise _refusal_error(refusal)
         if self.bucket is not None or self.streams is not None:
             rate_key = client_ip if self.rate_key == "client_ip" else key
-            self._rate_limit(rate_key, admission)
+            await self._rate_limit(rate_key, admission)
         return admission
 
     def _bearer(self, headers: Headers) -> str:
@@ -213,7 +223,26 @@ class RouteGuard:
         admission.extra.extend(decision.identity)
         return decision.identity[0][1].decode("latin-1") if decision.identity else client_ip
 
-    def _rate_limit(self, key: str, admission: Admission) -> None:
+    async def _rate_limit(self, key: str, admission: Admission) -> None:
+        if self.shared is not None:
+            try:
+                decision = await self.shared.admit(key)
+            except Unavailable:  # [state] on_unavailable: "closed" refuses, "local" falls back
+                if self.shared.closed:
+                    raise self.shared.refusal() from None
+            else:
+                if decision.wait:
+                    retry = str(max(1, math.ceil(decision.wait))).encode()
+                    raise TooManyRequests(
+                        "rate limit exceeded; retry later", headers=[(b"Retry-After", retry)]
+                    )
+                if decision.streams_full:
+                    raise TooManyRequests(
+                        "too many concurrent streams; retry when one ends",
+                        headers=[(b"Retry-After", b"1")],
+                    )
+                admission.release = decision.release
+                return
         if self.bucket is not None:
             wait = self.bucket.take(key, trio.current_time())
             if wait:
@@ -247,7 +276,15 @@ class Security:
     ``Security`` being replaced by a reload (rate-limit state carried per route).
     """
 
-    def __init__(self, config: Config, pool: Pool, previous: Security | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pool: Pool,
+        previous: Security | None = None,
+        shared: SharedState | None = None,
+    ) -> None:
+        """``shared``: ``[state]``'s backend, for rate limits every replica shares."""
+        self.shared = shared
         inbound = config.inbound
         self.identity_targets = frozenset(
             name.lower().encode("ascii") for name in inbound.identity_targets

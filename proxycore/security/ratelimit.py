@@ -6,21 +6,12 @@ is no locking.
 
 Several replicas
 ----------------
-These limits are per process: behind N replicas a client gets up to N times the configured rate.
-Two ways to extend this without changing the callers' decisions (allowed / retry after s):
-
-* Shared store, e.g. Redis. The token bucket becomes one Lua script run with ``EVALSHA`` per
-  request, so refill and take are atomic per key: read ``tokens`` and ``ts`` from a hash, refill
-  by ``(now - ts) * rate`` capped at ``burst``, take one or compute the wait, write back and set
-  ``PEXPIRE`` to the time the bucket is full again (an idle key then simply expires: same as this
-  module's eviction). Use the store's clock (``TIME``) rather than each replica's. Concurrency is
-  ``INCR`` on acquire (``DECR`` back and refuse if above the limit) and ``DECR`` on release, with
-  a TTL refreshed on each acquire as a safety net, so counts leaked by a crashed replica
-  eventually reset. Decide whether a store outage fails open or closed, and bound its latency.
-* No shared state: give each replica ``rate / N`` (and ``burst / N``, ``limit / N``) behind an L4
-  load balancer that spreads one client's connections evenly. Approximate (uneven spreading and
-  long-lived keep-alive connections skew it) and must be re-tuned when N changes, but costs nothing
-  per request.
+These limits are per process. With ``[state] redis`` set, each route's limits are shared by
+every replica instead (:mod:`proxycore.store.limits`: the same bucket as GCRA in one Lua
+script per request, concurrent streams as per-replica leases that expire), and these classes
+are the fallback while the backend is away (``on_unavailable = "local"``). Without ``[state]``,
+give each of N replicas ``rate / N`` (and ``burst / N``, ``limit / N``) behind an L4 balancer
+that spreads one client's connections evenly: approximate, and re-tuned when N changes.
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ from ..errors import error_body
 from ..http.headers import Headers, connection_tokens, reason_phrase, serialize_head
 from ..http.sse import HEARTBEAT
 from ..net.stream import CHUNK, Stream, StreamBroken
+from ..tunnel.hop import Hop
 from ..tunnel.mcp_http import (
     INVALID_REQUEST,
     NOT_FOUND,
@@ -113,6 +114,8 @@ class ApiRequest:
     settings: Tunnel
     #: The sibling workers (``serve --workers N``); None: answer from this registry only.
     peers: Peers | None = None
+    #: Came over a relay (a worker's socket, a replica's listener): never forwarded again.
+    relayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,22 +205,28 @@ async def handle(req: ApiRequest) -> ApiResult:
 
 
 async def _dispatch(req: ApiRequest, reply: _Reply) -> None:
+    shared = None if req.relayed else req.registry.shared  # [state]: the other replicas
     target = parse_path(req.path, req.settings.api_prefix)
     if target is None:
         return await reply.error(404, "not_found", "no such tunnel endpoint")
     if target.kind == "list":
         if req.method != b"GET":
             return await _not_allowed(reply, b"GET")
-        sessions: list[object] = [s.as_dict() for s in req.registry.list(req.caller)]
-        if req.peers is not None:
+        mine = req.registry.list(req.caller)
+        sessions: list[object] = [s.as_dict() for s in mine]
+        remote = await shared.listed(req.caller, {s.id for s in mine}) if shared else None
+        if remote is not None:  # every replica's (and worker's) sessions
+            sessions += remote
+        elif req.peers is not None:
             sessions += await listed_elsewhere(req.peers, req.settings.api_prefix, req.caller)
         return await reply.send(200, dumps(sessions))
     elsewhere = _elsewhere(req, target.key) if req.peers is not None else None
     session = None if elsewhere is not None else req.registry.find(target.key, req.caller)
+    if session is None and elsewhere is None and shared is not None:
+        elsewhere = await shared.locate(target.key, req.caller)  # another replica's
     if session is None and elsewhere is None and req.peers is not None:
-        elsewhere = await named_elsewhere(
-            req.peers, req.settings.api_prefix, target.key, req.caller
-        )
+        index = await named_elsewhere(req.peers, req.settings.api_prefix, target.key, req.caller)
+        elsewhere = req.peers.hop(index) if index is not None else None
     if elsewhere is not None:
         return await _forward(req, reply, elsewhere)
     if session is None:  # unknown, or someone else's: the same answer
@@ -239,13 +248,13 @@ async def _dispatch(req: ApiRequest, reply: _Reply) -> None:
 # -- other workers (serve --workers N: proxycore.tunnel.relay) ---------------------------
 
 
-def _elsewhere(req: ApiRequest, key: str) -> int | None:
+def _elsewhere(req: ApiRequest, key: str) -> Hop | None:
     """The other worker a session id names (an out-of-range one: this worker, 404)."""
     assert req.peers is not None
     owner = req.peers.owner_of(key)
     if owner is None or owner == req.peers.index or owner >= req.peers.count:
         return None
-    return owner
+    return req.peers.hop(owner)
 
 
 def _target(req: ApiRequest) -> bytes:
@@ -253,17 +262,16 @@ def _target(req: ApiRequest) -> bytes:
     return path + b"?" + req.query if req.query else path
 
 
-async def _forward(req: ApiRequest, reply: _Reply, index: int) -> None:
-    """The whole exchange relayed to worker ``index``, its answer copied byte for byte
-    (it ends with ``Connection: close``, so does this connection)."""
-    assert req.peers is not None
-    peers, reply.close = req.peers, True
+async def _forward(req: ApiRequest, reply: _Reply, hop: Hop) -> None:
+    """The whole exchange relayed through ``hop`` (a worker, another replica), its answer
+    copied byte for byte (it ends with ``Connection: close``, so does this connection).
+    The holder gone (unreachable, or it died before answering): 502."""
+    reply.close = True
     sent = req.stream.bytes_sent
 
     async def relay() -> None:
         reply.status, reply.bytes_out = await forward(
-            peers,
-            index,
+            hop,
             req.method,
             _target(req),
             req.headers,
@@ -276,9 +284,11 @@ async def _forward(req: ApiRequest, reply: _Reply, index: int) -> None:
     try:  # the client going away cancels the relay (and closes the worker's socket)
         if await _while_connected(req.stream, relay):
             reply.status = reply.status or 499
+            return
     except (OSError, trio.TooSlowError, trio.BrokenResourceError):
-        if req.stream.bytes_sent == sent:
-            await reply.error(502, "worker_unreachable", "the session's worker did not answer")
+        pass
+    if req.stream.bytes_sent == sent:
+        await reply.error(502, "worker_unreachable", "the session's holder did not answer")
 
 
 async def _not_allowed(reply: _Reply, allow: bytes) -> None:

@@ -20,11 +20,14 @@ import trio
 
 from ..http.headers import Headers, serialize_head
 from ..net.stream import CHUNK, Stream
+from ..tunnel.hop import CONNECT_TIMEOUT_S, Hop
 from ..tunnel.sessions import Caller
 
 __all__ = [
+    "AUTH_HEADER",
     "CALLER_HEADER",
     "PEERS",
+    "Hop",
     "Peers",
     "fetch",
     "forward",
@@ -37,6 +40,8 @@ COUNT_ENV: Final = "PROXYCORE_WORKERS"
 DIR_ENV: Final = "PROXYCORE_WORKER_DIR"
 #: The forwarded caller: read by the relay socket's server only, never by a listener.
 CALLER_HEADER: Final = b"x-proxycore-relay-caller"
+#: The shared secret of ``[state] relay_secret_file`` on a replica-to-replica relay request.
+AUTH_HEADER: Final = b"x-proxycore-relay-auth"
 _OWNER: Final = re.compile(r"w(\d{1,4})-")
 _DROP: Final = {
     b"connection",
@@ -45,8 +50,8 @@ _DROP: Final = {
     b"keep-alive",
     b"x-request-id",
     CALLER_HEADER,
+    AUTH_HEADER,
 }
-CONNECT_TIMEOUT_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,9 @@ class Peers:
     def path(self, index: int) -> str:
         return os.path.join(self.directory, f"w{index}.sock")
 
+    def hop(self, index: int) -> Hop:
+        return Hop(path=self.path(index))
+
     def owner_of(self, key: str) -> int | None:
         """The worker a session id names (None: not an id of this form, e.g. a name)."""
         match = _OWNER.match(key)
@@ -90,7 +98,13 @@ PEERS: Final = Peers.from_env()
 
 
 def _request(
-    method: bytes, target: bytes, headers: Headers, body: bytes, caller: Caller, rid: bytes
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    body: bytes,
+    caller: Caller,
+    rid: bytes,
+    secret: bytes = b"",
 ) -> bytes:
     fields: Headers = [(n, v) for n, v in headers if n.lower() not in _DROP]
     who = json.dumps({"identity": caller.identity, "admin": caller.admin}).encode()
@@ -101,17 +115,13 @@ def _request(
     ]
     if rid:
         fields.append((b"X-Request-ID", rid))
+    if secret:
+        fields.append((AUTH_HEADER, secret))
     return serialize_head(b"%s %s HTTP/1.1\r\n" % (method, target), fields) + body
 
 
-async def _open(path: str) -> trio.SocketStream:
-    with trio.fail_after(CONNECT_TIMEOUT_S):
-        return await trio.open_unix_socket(path)
-
-
 async def forward(
-    peers: Peers,
-    index: int,
+    hop: Hop,
     method: bytes,
     target: bytes,
     headers: Headers,
@@ -120,14 +130,15 @@ async def forward(
     rid: bytes,
     out: Stream,
 ) -> tuple[int, int]:
-    """Send the request to worker ``index`` and copy its answer to ``out`` until the
-    relay closes; ``(status, bytes copied)``. Raises ``OSError``/``trio.TooSlowError``
-    when the worker can't be reached (nothing was written to ``out`` then)."""
-    conn = await _open(peers.path(index))
+    """Send the request through ``hop`` (a worker, or a replica) and copy its answer to
+    ``out`` until the relay closes; ``(status, bytes copied)``: status 0 when nothing came
+    back (the holder died: nothing was written to ``out`` either). Raises
+    ``OSError``/``trio.TooSlowError`` when it can't be reached (nothing written then)."""
+    conn = await hop.open()
     status = 0
     copied = 0
     async with conn:
-        await conn.send_all(_request(method, target, headers, body, caller, rid))
+        await conn.send_all(_request(method, target, headers, body, caller, rid, hop.secret))
         while True:
             try:
                 data = await conn.receive_some(CHUNK)
@@ -142,18 +153,18 @@ async def forward(
                     status = 502
             await out.send_all(data)
             copied += len(data)
-    return status or 502, copied
+    return status, copied
 
 
-async def fetch(peers: Peers, index: int, target: bytes, caller: Caller) -> tuple[int, bytes]:
-    """``GET target`` on worker ``index``: ``(status, body)``; ``(0, b"")`` if it can't be
+async def fetch(hop: Hop, target: bytes, caller: Caller) -> tuple[int, bytes]:
+    """``GET target`` through ``hop``: ``(status, body)``; ``(0, b"")`` if it can't be
     reached or doesn't answer in time."""
     data = bytearray()
     with trio.move_on_after(CONNECT_TIMEOUT_S):
         try:
-            conn = await _open(peers.path(index))
+            conn = await hop.open()
             async with conn:
-                await conn.send_all(_request(b"GET", target, [], b"", caller, b""))
+                await conn.send_all(_request(b"GET", target, [], b"", caller, b"", hop.secret))
                 while chunk := await conn.receive_some(CHUNK):
                     data += chunk
         except (OSError, trio.BrokenResourceError, trio.TooSlowError):
@@ -170,7 +181,7 @@ async def listed_elsewhere(peers: Peers, prefix: str, caller: Caller) -> list[ob
     """``caller``'s sessions on the other workers (one that doesn't answer: left out)."""
     found: list[object] = []
     for index in peers.others():
-        status, body = await fetch(peers, index, prefix.encode(), caller)
+        status, body = await fetch(peers.hop(index), prefix.encode(), caller)
         if status == 200:
             try:
                 listed = json.loads(body)
@@ -187,7 +198,7 @@ async def named_elsewhere(peers: Peers, prefix: str, key: str, caller: Caller) -
         return None
     target = prefix.encode() + b"/" + key.encode()
     for index in peers.others():
-        status, _ = await fetch(peers, index, target, caller)
+        status, _ = await fetch(peers.hop(index), target, caller)
         if status == 200:
             return index
     return None

@@ -20,11 +20,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
 from ..config import Tunnel
+from ..tunnel.hop import Hop
 from ..tunnel.protocol import IdRewriter, is_request, request_frame
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "Registry",
     "Session",
     "SessionClosed",
+    "SharedSessions",
     "Subscription",
     "TooManyPending",
 ]
@@ -53,6 +55,19 @@ class Caller:
 
     identity: str
     admin: bool
+
+
+class SharedSessions(Protocol):
+    """The sessions of the other replicas (``[state]``: :mod:`proxycore.tunnel.replicas`)."""
+
+    def changed(self, session_id: str, *, ended: bool = False) -> None:
+        """A session of this process opened or ended."""
+
+    async def listed(self, caller: Caller, local: set[str]) -> list[object] | None:
+        """``caller``'s sessions held elsewhere (None: the shared state is away)."""
+
+    async def locate(self, key: str, caller: Caller) -> Hop | None:
+        """Where the session ``caller`` calls ``key`` is held elsewhere (a relay hop)."""
 
 
 class SessionClosed(Exception):
@@ -352,6 +367,8 @@ class Registry:
         self.settings = settings
         self._sessions: dict[str, Session] = {}
         self._observe = observe
+        #: The other replicas' sessions (``[state]`` with a relay listener), or None.
+        self.shared: SharedSessions | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -388,6 +405,8 @@ class Registry:
             close_socket=close_socket,
         )
         self._sessions[session.id] = session
+        if self.shared is not None:
+            self.shared.changed(session.id)
         return session
 
     def same_name(self, owner: str, server_name: str) -> list[Session]:
@@ -397,7 +416,12 @@ class Registry:
         ]
 
     def remove(self, session: Session) -> None:
-        self._sessions.pop(session.id, None)
+        if self._sessions.pop(session.id, None) is not None and self.shared is not None:
+            self.shared.changed(session.id, ended=True)
+
+    def all(self) -> list[Session]:
+        """Every open session of this process (internal use: no visibility check)."""
+        return list(self._sessions.values())
 
     def get(self, session_id: str) -> Session | None:
         """By id, whoever asks (internal use: no visibility check)."""

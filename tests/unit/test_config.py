@@ -653,7 +653,8 @@ def test_three_mistakes_reported_together(tmp_path: Path) -> None:
     [
         (
             "rout = 1\n" + ROUTE,
-            "rout: unknown key (known: server, timeouts, pool, inbound, admin, tunnel, routes); "
+            "rout: unknown key (known: server, timeouts, pool, inbound, admin, tunnel, state, "
+            "routes); "
             "did you mean 'routes'?",
         ),
         (
