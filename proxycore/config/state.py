@@ -21,9 +21,13 @@ _KEY_PREFIX: Final = re.compile(r"[A-Za-z0-9_.:{}-]{0,64}")
 _USERINFO: Final = re.compile(r"//[^/@]*@")
 
 
+_QUERY_SECRET: Final = re.compile(r"(?i)([?&](?:password|username|user)=)[^&#]*")
+
+
 def redact(url: str) -> str:
-    """``url`` with its user info (user and password) replaced by ``***``."""
-    return _USERINFO.sub("//***@", url)
+    """``url`` with its user info and any ``password``/``username`` query parameter (the
+    client reads both) replaced by ``***``."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("//***@", url))
 
 
 @dataclass(frozen=True, slots=True)

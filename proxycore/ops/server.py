@@ -28,19 +28,17 @@ from typing import Final
 
 import trio
 
-from ..config import Config, ConfigError, HealthCheck
+from ..config import Config, ConfigError
 from ..net.listener import accept, bind_listener, errno_name
 from ..observe.metrics import Metrics
 from ..ops.admin import AdminApp, serve_admin
 from ..proxy.connection import ClientConnection
 from ..proxy.hooks import Hooks
-from ..proxy.state import ProxyState, Snapshot
+from ..proxy.state import ProxyState
 from ..security.admission import exposure_problem
 from ..security.secrets import SecretError
 from ..tunnel.relay import PEERS
 from ..tunnel.relay_server import serve_relay, serve_replica_relay
-from ..upstreams.group import UpstreamGroup
-from ..upstreams.health import run_health_checks
 
 __all__ = ["AcceptErrors", "Server", "bind_listener", "serve"]
 
@@ -120,9 +118,6 @@ class Server:
         self._stop = trio.Event()
         self._accepting: list[trio.CancelScope] = []
         self._root: trio.CancelScope | None = None
-        self._nursery: trio.Nursery | None = None
-        #: The running health checks' scope (cancelled and replaced on reload).
-        self._health: trio.CancelScope | None = None
         self.accept_errors = AcceptErrors(self.state.metrics)
 
     # -- control -----------------------------------------------------------
@@ -150,26 +145,8 @@ class Server:
         if config.state != bound.state:  # the backend is made once, at start
             log.warning("reload: [state] changes need a restart; the old settings stay")
         self.config = config
-        self._start_health_checks(snapshot)
         log.info("reloaded config (generation %d)", snapshot.generation)
         return True
-
-    def _start_health_checks(self, snapshot: Snapshot) -> None:
-        """(Re)start the active health checks of ``snapshot``'s groups (members carried
-        over by a reload keep their state; the checks restart with the new settings)."""
-        if self._health is not None:
-            self._health.cancel()
-            self._health = None
-        checks = snapshot.health_checks()
-        if checks and self._nursery is not None:
-            scope = self._health = trio.CancelScope()
-            self._nursery.start_soon(self._run_health_checks, scope, checks)
-
-    async def _run_health_checks(
-        self, scope: trio.CancelScope, checks: list[tuple[UpstreamGroup, HealthCheck]]
-    ) -> None:
-        with scope:
-            await run_health_checks(checks)
 
     def _upstreams_detail(self) -> bytes:
         """One line per upstream of each group for ``/readyz``: up, down, ejected, busy."""
@@ -223,20 +200,18 @@ class Server:
             async with trio.open_nursery() as nursery:
                 self._root = nursery.cancel_scope
                 state.transcripts.nursery = nursery
-                nursery.start_soon(state.pool.run_sweeper)
-                self._nursery = nursery
-                self._start_health_checks(state.snapshot)
+                # The pool sweeper, [state]'s backend, the groups' health checks.
+                await nursery.start(state.run)
                 admin = config.admin.address
                 if admin is not None:
                     app = AdminApp(self._is_ready, self._metrics, self._upstreams_detail)
                     self.admin_address = await nursery.start(serve_admin, app, *admin)
                 if PEERS is not None:  # a worker of serve --workers N: the tunnel relay
                     await nursery.start(serve_relay, PEERS, lambda: state.tunnel)
-                if state.shared is not None:  # [state]: limits, leases, tunnel sessions
-                    await nursery.start(state.shared.run)
-                    if config.state.relay_listen and state.tunnel is not None:
-                        args = (state.shared, state.tunnel, config.state)
-                        await nursery.start(serve_replica_relay, *args)
+                tunnel, shared = state.tunnel, state.shared
+                if shared is not None and config.state.relay_listen and tunnel is not None:
+                    args = (shared, tunnel, config.state)  # [state]: other replicas' callers
+                    await nursery.start(serve_replica_relay, *args)
                 for listener in listeners:
                     nursery.start_soon(self._listen, listener, limit)
                 for host, port in bound:

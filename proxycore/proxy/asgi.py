@@ -149,7 +149,8 @@ class ProxyApp:
             return
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(state.pool.run_sweeper)
+                # The pool sweeper, [state]'s backend, the groups' health checks.
+                await nursery.start(state.run)
                 await send({"type": "lifespan.startup.complete"})
                 while (await receive())["type"] != "lifespan.shutdown":
                     pass

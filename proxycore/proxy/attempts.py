@@ -52,9 +52,20 @@ def retry_after_seconds(headers: Headers) -> float | None:
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, IndexError):  # years past 2**31 overflow
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _is_session_field(name: bytes) -> bool:
+    return name.lower().replace(b"_", b"-") == SESSION_HEADER
+
+
+def _identity(route: str, member: Member) -> str:
+    """What a session tag names: the route, the upstream's name and its URL."""
+    target = member.spec.target
+    url = f"{target.scheme}://{target.host_header}{target.base_path}"
+    return f"{route}\0{member.name}\0{url}"
 
 
 def _holds_sessions(member: Member, now: float) -> bool:
@@ -67,27 +78,33 @@ class Affinity:
 
     __slots__ = ("_by_tag", "_tags", "ids")
 
-    def __init__(self, ids: SessionIds, group: UpstreamGroup) -> None:
+    def __init__(self, ids: SessionIds, group: UpstreamGroup, route: str) -> None:
+        """``route``: the route's prefix. A tag names the route and the upstream's name and
+        URL, so an id minted on one route (or by an upstream whose URL a reload changed)
+        is refused on another."""
         self.ids = ids
-        self._tags = {id(m): ids.tag(m.name) for m in group.members}
-        self._by_tag = {ids.tag(m.name): m for m in group.members}
+        tags = {id(m): ids.tag(_identity(route, m)) for m in group.members}
+        self._tags = tags
+        self._by_tag = {tags[id(m)]: m for m in group.members}
 
     def pinned(self, headers: Headers, now: float) -> Member | None:
         """The member the request's session belongs to (the header is replaced with the
         upstream's own id), None without a session id. Raises :class:`SessionNotFound`
         for an id that is not ours, or whose upstream is gone or out, and
         :class:`BadRequest` for two ids (one could pin, the other reach the upstream)."""
-        if sum(1 for name, _ in headers if name.lower() == SESSION_HEADER) > 1:
+        # Any spelling (case, ``_`` for ``-``): an upstream may read them all as one.
+        found = [i for i, (name, _) in enumerate(headers) if _is_session_field(name)]
+        if not found:
+            return None
+        if len(found) > 1:
             raise BadRequest("the Mcp-Session-Id field appears twice")
-        for index, (name, value) in enumerate(headers):
-            if name.lower() == SESSION_HEADER:
-                unwrapped = self.ids.unwrap(value.strip())
-                member = self._by_tag.get(unwrapped[0]) if unwrapped else None
-                if unwrapped is None or member is None or not _holds_sessions(member, now):
-                    raise SessionNotFound("no such session: initialize a new one")
-                headers[index] = (name, unwrapped[1])
-                return member
-        return None
+        index = found[0]
+        unwrapped = self.ids.unwrap(headers[index][1].strip())
+        member = self._by_tag.get(unwrapped[0]) if unwrapped else None
+        if unwrapped is None or member is None or not _holds_sessions(member, now):
+            raise SessionNotFound("no such session: initialize a new one")
+        headers[index] = (b"Mcp-Session-Id", unwrapped[1])
+        return member
 
     def wrap_response(self, member: Member, headers: Headers) -> None:
         """Replace the ids ``member`` minted with the ones the client sees."""

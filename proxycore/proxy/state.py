@@ -27,6 +27,7 @@ from ..tunnel.relay import PEERS
 from ..tunnel.sessions import Registry
 from ..upstreams.affinity import SessionIds, load_key
 from ..upstreams.group import UpstreamGroup
+from ..upstreams.health import run_health_checks
 
 __all__ = ["ProxyState", "Snapshot"]
 
@@ -59,6 +60,9 @@ class ProxyState:
         self.pool = Pool(config.pool)
         #: ``[state]``: what replicas share (fixed at start; the server runs it).
         self.shared = SharedState(config.state) if config.state.enabled else None
+        #: While :meth:`run` runs: its nursery, and the health checks' scope.
+        self._nursery: trio.Nursery | None = None
+        self._health: trio.CancelScope | None = None
         self.snapshot = self.prepare(config, 1)
         self.open_connections = 0
         self.exchanges_in_flight = 0
@@ -110,6 +114,39 @@ class ProxyState:
             for m in group.members
         )
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The state's own background work, until cancelled (both front ends run it): the
+        pool sweeper, ``[state]``'s backend, and the health checks of the current
+        snapshot's groups (restarted by :meth:`swap`)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.pool.run_sweeper)
+                if self.shared is not None:
+                    await nursery.start(self.shared.run)
+                self._nursery = nursery
+                self._restart_health_checks()
+                task_status.started()
+        finally:
+            self._nursery = self._health = None
+
+    def _restart_health_checks(self) -> None:
+        """Cancel the running checks and start the current snapshot's (members carried
+        over by a reload keep their state)."""
+        if self._health is not None:
+            self._health.cancel()
+            self._health = None
+        checks = self.snapshot.health_checks()
+        if checks and self._nursery is not None:
+            scope = self._health = trio.CancelScope()
+            self._nursery.start_soon(self._health_checks, scope, checks)
+
+    @staticmethod
+    async def _health_checks(
+        scope: trio.CancelScope, checks: list[tuple[UpstreamGroup, HealthCheck]]
+    ) -> None:
+        with scope:
+            await run_health_checks(checks)
+
     def connection_opened(self) -> None:
         self.open_connections += 1
         if self.all_closed.is_set():
@@ -136,7 +173,7 @@ class ProxyState:
         groups = _groups(config, previous)
         ids = _session_ids(config)
         affinities = tuple(
-            Affinity(ids, group) if ids is not None and route.affinity else None
+            Affinity(ids, group, route.prefix) if ids is not None and route.affinity else None
             for route, group in zip(config.routes, groups, strict=True)
         )
         return Snapshot(config, Router(config.routes), security, generation, groups, affinities)
@@ -150,6 +187,7 @@ class ProxyState:
         self.snapshot = snapshot
         self.pool.settings = config.pool
         self.enable_tunnel(config)
+        self._restart_health_checks()
         return snapshot
 
     def enable_tunnel(self, config: Config) -> None:

@@ -103,8 +103,10 @@ class Credential:
         """The header to send; :class:`InternalError` when the token is unavailable."""
         try:
             token = self.token.get()
-        except SecretError as exc:
-            raise InternalError(f"credential for this route is unavailable: {exc}") from None
+        except SecretError as exc:  # where the token comes from is the log's, not the client's
+            raise InternalError(
+                "the credential for this route's upstream is unavailable", detail=str(exc)
+            ) from None
         return self.header, self.prefix + token
 
 

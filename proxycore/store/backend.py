@@ -77,6 +77,8 @@ class StateBackend:
         self._wake = trio.Event()
         self._was_up: bool | None = None
         self._scripts: dict[str, Any] = {}
+        #: Run (its calls ``probing``) each time the backend is found again, before it is up.
+        self.before_up: Callable[[], Awaitable[None]] | None = None
 
     def __repr__(self) -> str:
         urls = ", ".join(redact(u) for u in self.settings.redis)
@@ -96,10 +98,11 @@ class StateBackend:
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def call(self, fn: Callable[[Client], Awaitable[_T]]) -> _T:
+    async def call(self, fn: Callable[[Client], Awaitable[_T]], *, probing: bool = False) -> _T:
         """``fn(client)`` within ``[state] timeout``; :class:`Unavailable` when the backend is
-        down, fails or is too slow (it is then marked down until the probe succeeds)."""
-        if not self.up:
+        down, fails or is too slow (it is then marked down until the probe succeeds).
+        ``probing``: the recovery hook's calls, made before the backend is marked up."""
+        if not self.up and not probing:
             raise Unavailable("down")
         with trio.move_on_after(self.settings.timeout):
             try:
@@ -110,7 +113,9 @@ class StateBackend:
         self.mark_down("timeout")
         raise Unavailable("timeout")
 
-    async def script(self, source: str, keys: list[str], args: list[Arg]) -> Any:
+    async def script(
+        self, source: str, keys: list[str], args: list[Arg], *, probing: bool = False
+    ) -> Any:
         """Run a Lua script (``EVALSHA``, loaded on first use or after a server restart)
         through :meth:`call`: one round trip."""
         script = self._scripts.get(source)
@@ -120,7 +125,7 @@ class StateBackend:
         async def run(_: Client) -> Any:
             return await script(keys=keys, args=args)
 
-        return await self.call(run)
+        return await self.call(run, probing=probing)
 
     def mark_down(self, why: str) -> None:
         if self.up:
@@ -142,6 +147,11 @@ class StateBackend:
             delay = BACKOFF_START_S
             while True:
                 ok = await self._probe()
+                if ok and not self.up and self.before_up is not None:
+                    # e.g. releases kept while it was away: sent before any request may
+                    # use the backend again (else they would find those slots still held)
+                    with contextlib.suppress(Unavailable):
+                        await self.before_up()
                 if ok and not self.up:
                     self.epoch += 1
                     self.up = True

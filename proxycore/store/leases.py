@@ -26,12 +26,15 @@ log: Final = logging.getLogger("proxycore.state")
 
 #: Leases renewed or released per script call.
 BATCH: Final = 500
+#: Releases kept while the backend is away (more simply expire with their lease).
+MAX_PENDING: Final = 10_000
 
 
 class Leases:
     """The leases this process holds (see the module docstring)."""
 
     def __init__(self, backend: StateBackend) -> None:
+        backend.before_up = self._flush_on_recovery
         self.backend = backend
         #: lease id -> its key (the sorted set).
         self.held: dict[str, str] = {}
@@ -62,6 +65,18 @@ class Leases:
             self._released.append((key, lease))
             self._wake.set()
 
+    def abandon(self, lease: str, key: str) -> None:
+        """A lease asked for in a call that did not answer in time: the backend may still
+        have granted it, so release it like an ended stream (else it would hold a slot for
+        the whole lease time)."""
+        if len(self._released) < MAX_PENDING:
+            self._released.append((key, lease))
+            self._wake.set()
+
+    async def _flush_on_recovery(self) -> None:
+        if self._released:
+            await self._flush(probing=True)
+
     async def run(self) -> None:
         """Renew and release until cancelled."""
         interval = self.backend.settings.lease / 3
@@ -76,15 +91,19 @@ class Leases:
                 await self._renew()
                 next_renewal = trio.current_time() + interval
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, probing: bool = False) -> None:
+        if not self.backend.up and not probing:  # kept for when it is back (bounded)
+            del self._released[MAX_PENDING:]
+            return
         released, self._released = self._released, []
-        if not self.backend.up:
-            return  # they expire within the lease time
         for start in range(0, len(released), BATCH):
             part = released[start : start + BATCH]
             try:
-                await self.backend.script(RELEASE, [k for k, _ in part], [i for _, i in part])
-            except Unavailable:
+                await self.backend.script(
+                    RELEASE, [k for k, _ in part], [i for _, i in part], probing=probing
+                )
+            except Unavailable:  # kept for the recovery (the backend is marked down)
+                self._released[:0] = released[start:MAX_PENDING]
                 return
 
     async def _renew(self) -> None:

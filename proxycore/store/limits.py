@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import RateLimit
-from ..store.backend import StateBackend, StateUnavailable
+from ..store.backend import StateBackend, StateUnavailable, Unavailable
 from ..store.leases import Leases
 from ..store.scripts import ADMIT
 
@@ -55,7 +55,26 @@ class SharedLimits:
         bucket = self._rate_stem + digest
         streams = self._streams_stem + digest if limit.max_concurrent_streams else ""
         lease = self.leases.new_id() if streams else ""
-        wait_us, held = await self.backend.script(
+        try:
+            wait_us, held = await self._admit(bucket, streams, lease)
+        except Unavailable:
+            if lease:
+                self.leases.abandon(lease, streams)
+            raise
+        if wait_us > 0:
+            return Decision(wait=wait_us / 1e6)
+        if not held:
+            return Decision(streams_full=True)
+        if not streams:
+            return Decision()
+        leases = self.leases
+        leases.hold(lease, streams)
+        return Decision(release=lambda: leases.release(lease))
+
+    async def _admit(self, bucket: str, streams: str, lease: str) -> tuple[int, int]:
+        """``(microseconds to wait, 1 if the stream lease was granted)``."""
+        limit = self.limit
+        result = await self.backend.script(
             ADMIT,
             [bucket, streams],
             [
@@ -66,12 +85,5 @@ class SharedLimits:
                 self.leases.lease_ms,
             ],
         )
-        if int(wait_us) > 0:
-            return Decision(wait=int(wait_us) / 1e6)
-        if not int(held):
-            return Decision(streams_full=True)
-        if not streams:
-            return Decision()
-        leases = self.leases
-        leases.hold(lease, streams)
-        return Decision(release=lambda: leases.release(lease))
+        wait_us, held = result
+        return int(wait_us), int(held)

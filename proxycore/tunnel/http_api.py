@@ -221,6 +221,9 @@ async def _dispatch(req: ApiRequest, reply: _Reply) -> None:
             sessions += await listed_elsewhere(req.peers, req.settings.api_prefix, req.caller)
         return await reply.send(200, dumps(sessions))
     elsewhere = _elsewhere(req, target.key) if req.peers is not None else None
+    if elsewhere is not None and shared is not None:
+        # An id naming worker i: worker i of this replica, or of another one ([state]).
+        elsewhere = await shared.locate(target.key, req.caller) or elsewhere
     session = None if elsewhere is not None else req.registry.find(target.key, req.caller)
     if session is None and elsewhere is None and shared is not None:
         elsewhere = await shared.locate(target.key, req.caller)  # another replica's

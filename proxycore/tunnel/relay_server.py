@@ -140,22 +140,27 @@ async def _serve_one(
                 for name, _, value in (line.partition(b":") for line in lines[1:])
             ]
             fields = {name.lower(): value for name, value in headers}
-            length = int(fields.get(b"content-length", b"0"))
-            while len(body) < length:
-                n = await stream.recv_into(buf, CHUNK)
-                if not n:
-                    return
-                body += buf[:n]
+            # The secret before anything else is read: an unauthenticated caller gets
+            # nothing held for it.
             if secret and not hmac.compare_digest(fields.get(AUTH_HEADER, b""), secret):
                 log.warning("replica relay: a request without the shared secret was refused")
                 return
+            length = int(fields.get(b"content-length", b"0"))
+            reg = registry()
+            if reg is None or not 0 <= length <= http_api.body_limit(reg.settings):
+                return
+            whole = bytearray(body)
+            while len(whole) < length:
+                n = await stream.recv_into(buf, CHUNK)
+                if not n:
+                    return
+                whole += buf[:n]
+            body = bytes(whole)
             who = json.loads(fields[CALLER_HEADER])
             caller = Caller(str(who["identity"]), bool(who["admin"]))
         if scope.cancelled_caught:
             return
-        reg = registry()
-        if reg is None:
-            return
+        assert reg is not None  # checked while reading
         path, _, query = target.partition(b"?")
         request = http_api.ApiRequest(
             method=method,

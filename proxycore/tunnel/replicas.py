@@ -13,6 +13,8 @@ workers'), as without ``[state]``.
 
 from __future__ import annotations
 
+import trio
+
 from ..store.backend import Unavailable
 from ..store.sessions import Directory, Record
 from ..tunnel.hop import Hop
@@ -64,7 +66,12 @@ class Replicas:
     async def locate(self, key: str, caller: Caller) -> Hop | None:
         """The holder of session id ``key``, or of the newest session ``caller`` may see
         registered as server name ``key`` (the caller's own first); None: not found, held
-        here, or the shared state is away."""
+        here, or the shared state is away. At most ``[state] timeout`` in all."""
+        with trio.move_on_after(self.directory.backend.settings.timeout):
+            return await self._locate(key, caller)
+        return None
+
+    async def _locate(self, key: str, caller: Caller) -> Hop | None:
         try:
             record = await self.directory.get(key)
             if record is None:

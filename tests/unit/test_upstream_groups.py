@@ -317,17 +317,17 @@ def test_entry_values_are_never_echoed() -> None:
 def test_affinity_pins_restores_the_id_and_refuses_forgeries_and_doubles() -> None:
     g = group(spec("a"), spec("b"))
     a, b = g.members
-    affinity = Affinity(SessionIds(b"k" * 32), g)
+    affinity = Affinity(SessionIds(b"k" * 32), g, "/v1/")
     headers: list[tuple[bytes, bytes]] = [(b"Mcp-Session-Id", b"up-1")]
     affinity.wrap_response(b, headers)
     wrapped = headers[0][1]
-    request = [(b"mcp-session-id", wrapped)]
-    assert affinity.pinned(request, 0.0) is b and request == [(b"mcp-session-id", b"up-1")]
+    request = [(b"mcp_session_id", wrapped)]  # any spelling is the one field
+    assert affinity.pinned(request, 0.0) is b and request == [(b"Mcp-Session-Id", b"up-1")]
     assert affinity.pinned([(b"accept", b"*/*")], 0.0) is None
     with pytest.raises(SessionNotFound):
         affinity.pinned([(b"Mcp-Session-Id", b"up-1")], 0.0)  # a raw upstream id
     with pytest.raises(BadRequest):
-        affinity.pinned([(b"Mcp-Session-Id", wrapped), (b"Mcp-Session-Id", b"up-9")], 0.0)
+        affinity.pinned([(b"Mcp-Session-Id", wrapped), (b"Mcp_Session_Id", b"up-9")], 0.0)
     b.ejected_until = 10.0
     with pytest.raises(SessionNotFound):
         affinity.pinned([(b"Mcp-Session-Id", wrapped)], 0.0)  # its upstream is out
