@@ -41,6 +41,7 @@ _PACKAGES = (
     "uvicorn",
     "httpx",
     "httpcore",
+    "aiohttp",
     "anyio",
     "uvloop",
     "httptools",

@@ -240,7 +240,9 @@ class Meter:
         On a timeout or any failure the load-generator process is killed (a fresh one
         serves the next run) and MeasureError (or the target's StartError) is raised.
         """
-        full = {"host": target.host, "port": target.port, **spec}
+        full = {"host": target.host, "port": target.port_for(str(spec.get("path", "/"))), **spec}
+        if target.headers:
+            full["headers"] = [*spec.get("headers", []), *map(list, target.headers)]
         worker = self._worker()
         stdin = worker.popen.stdin
         assert stdin is not None
@@ -287,7 +289,8 @@ class Meter:
             "--timeout",
             "10s",
             "--latency",
-            f"http://{target.host}:{target.port}{path}",
+            *(f"-H{name}: {value}" for name, value in target.headers),
+            f"http://{target.host}:{target.port_for(path)}{path}",
         ]
         sampler = self._sampler(target)
         steal = StealMeter()

@@ -109,11 +109,17 @@ class Child:
             os.killpg(self.popen.pid, sig)  # our own session: pgid == the child's pid
 
 
-def http_ok(host: str, port: int, path: str, timeout: float = 2.0) -> bool:
-    """True if ``GET path`` answers 200 within ``timeout``."""
+def http_ok(
+    host: str,
+    port: int,
+    path: str,
+    timeout: float = 2.0,
+    headers: Sequence[tuple[str, str]] = (),
+) -> bool:
+    """True if ``GET path`` (with ``headers``) answers 200 within ``timeout``."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=dict(headers))
         response = conn.getresponse()
         response.read()
         return response.status == 200
@@ -123,14 +129,22 @@ def http_ok(host: str, port: int, path: str, timeout: float = 2.0) -> bool:
         conn.close()
 
 
-def wait_http(child: Child, host: str, port: int, path: str, timeout: float) -> None:
+def wait_http(
+    child: Child,
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,
+    *,
+    headers: Sequence[tuple[str, str]] = (),
+) -> None:
     """Poll ``GET path`` until it answers 200; raise StartError if ``child`` dies or
     ``timeout`` seconds pass first."""
     deadline = time.monotonic() + timeout
     while True:
         if not child.alive():
             raise StartError(child.describe_exit())
-        if http_ok(host, port, path, timeout=1.0):
+        if http_ok(host, port, path, timeout=1.0, headers=headers):
             return
         if time.monotonic() > deadline:
             tail = child.log_tail()

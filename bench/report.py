@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from bench.targets import targets_markdown
+
 __all__ = ["fmt_value", "main", "render_chart", "render_markdown"]
 
 #: The distributions charted: (workload, case, dist name, panel title).
@@ -89,7 +91,8 @@ def _environment_lines(doc: dict[str, Any]) -> list[str]:
         f"{name} {version}"
         for name, version in pkgs.items()
         if version
-        and name in ("proxycore", "trio", "h11", "hypercorn", "fastapi", "uvicorn", "httpx")
+        and name
+        in ("proxycore", "trio", "h11", "hypercorn", "fastapi", "uvicorn", "httpx", "aiohttp")
     )
     nginx = (env.get("nginx") or "nginx not installed").replace("nginx version: ", "")
     wrk = " ".join((env.get("wrk") or "wrk not installed").split()[:2])
@@ -120,7 +123,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"{doc['duration_s']:.0f} s)",
         "",
         *_environment_lines(doc),
-        "- Scenarios (all against the same hypercorn upstream, interleaved per workload):",
+        "- Scenarios (against the same two upstreams: the sim, and for `/small` the fast "
+        "one; interleaved per workload, rotated per round):",
     ]
     for name, info in doc["scenarios"].items():
         out.append(f"  - `{name}`: {info['status']}; {info.get('description', '')}".rstrip("; "))
@@ -132,6 +136,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "`nginx` (x n) from this same run. ↑ higher is better, ↓ lower is better; ratios are "
         "shown only for such figures. Quote ratios, not absolute numbers: this is a shared, "
         "noisy machine.",
+        *targets_markdown(doc),
     ]
     for cases in doc["workloads"].values():
         for case in cases.values():

@@ -9,7 +9,6 @@ import datetime as dt
 import json
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -22,10 +21,12 @@ from typing import Any
 
 import psutil
 
+from bench.cases import build_cases
 from bench.env import Pinning, StealMeter, busy_cores, environment
 from bench.measure import MeasureError, Meter
 from bench.procs import Child, StartError
 from bench.report import render_chart, render_markdown
+from bench.results import add_relative, aggregate, compact, failures, print_markdown
 from bench.scenarios import (
     REPO_ROOT,
     SCENARIOS,
@@ -38,7 +39,7 @@ from bench.scenarios import (
     start_upstream,
     unavailable_reason,
 )
-from bench.workloads import SIZES, WORKLOADS, Case, Measurement, Sizes, build_cases
+from bench.workloads import SIZES, WORKLOADS, Case, Measurement, Sizes
 
 __all__ = ["main"]
 
@@ -46,8 +47,9 @@ DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 #: How long a process may take to close what a case left open before it is restarted.
 SETTLE_S = 20.0
 #: Open fds above the start-up count that still count as settled (idle pooled
-#: upstream connections; for the upstream, every proxy's pool).
-SETTLED_EXTRA_FDS = {"proxy": 100, "upstream": 1000}
+#: upstream connections to both upstreams, e.g. nginx's 2 x 64; for the upstream,
+#: every proxy's pool).
+SETTLED_EXTRA_FDS = {"proxy": 250, "upstream": 1000}
 _MEASURE_ERRORS = (MeasureError, StartError, OSError, ValueError, KeyError, psutil.Error)
 
 
@@ -137,41 +139,6 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _aggregate(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median of every figure over the rounds that succeeded."""
-    ok = [r for r in rounds if r["status"] == "ok"]
-    if not ok:
-        return {"status": rounds[0]["status"] if rounds else "failed: not run", "metrics": {}}
-    keys = list(dict.fromkeys(k for r in ok for k in r["metrics"]))
-    metrics: dict[str, float | None] = {}
-    for key in keys:
-        values = [r["metrics"][key] for r in ok if r["metrics"].get(key) is not None]
-        metrics[key] = statistics.median(values) if values else None
-    steals = [r["steal_pct"] for r in ok if r.get("steal_pct") is not None]
-    last = ok[-1]
-    return {
-        "status": "ok",
-        "metrics": metrics,
-        "steal_pct": max(steals) if steals else None,
-        "dist": last.get("dist", {}),
-        "loadgen": last.get("loadgen", {}),
-    }
-
-
-def _add_relative(case: Case, round_results: dict[str, dict[str, Any]]) -> None:
-    direct = round_results.get("direct")
-    if not case.relative_to_direct or direct is None or direct["status"] != "ok":
-        return
-    for entry in round_results.values():
-        if entry["status"] != "ok":
-            continue
-        for derived, base in case.relative_to_direct:
-            value, ref = entry["metrics"].get(base), direct["metrics"].get(base)
-            entry["metrics"][derived] = (
-                value - ref if value is not None and ref is not None else None
-            )
-
-
 class _Run:
     """The state of one invocation: processes, results, and the clean-up of both."""
 
@@ -184,6 +151,7 @@ class _Run:
         self.wrk = None if args.no_wrk else find_wrk()
         self.tmp = Path(tempfile.mkdtemp(prefix="proxycore-bench-"))
         self.upstream: Child | None = None
+        self.fast_upstream: Child | None = None
         self.running: dict[str, Running] = {}
         self.status: dict[str, str] = {}
         self.description: dict[str, str] = {}
@@ -210,7 +178,8 @@ class _Run:
         self.log(f"upstream (pinning: {self.pinning.note})")
         self.upstream, port = start_upstream(self.tmp, self.pinning)
         self.base_fds["upstream"] = _fds(self.upstream.pid) or 0
-        self.ctx = StartContext(port, self.tmp, self.pinning)
+        self.fast_upstream, fast_port = start_upstream(self.tmp, self.pinning, fast=True)
+        self.ctx = StartContext(port, self.tmp, self.pinning, fast_port)
         for name in self.names:
             reason = unavailable_reason(name)
             if reason is not None:
@@ -297,11 +266,20 @@ class _Run:
         if case.skip:
             return {"status": f"skipped: {case.skip}", "metrics": {}}
         target = self.running.get(name)
+        if target is not None and case.fresh and target.child is not None:
+            target.stop()
+            del self.running[name]
+            try:
+                self._start_one(name)
+            except (StartError, OSError) as exc:
+                self.status[name] = f"failed: restart before {case.id}: {_short(exc)}"
+            target = self.running.get(name)
         if target is None:
             return {"status": self.status[name], "metrics": {}}
         try:
-            if self.upstream is not None and not self.upstream.alive():
-                raise MeasureError(f"the upstream died: {self.upstream.describe_exit()}")
+            for up in (self.upstream, self.fast_upstream):
+                if up is not None and not up.alive():
+                    raise MeasureError(f"the {up.name} died: {up.describe_exit()}")
             target.check_alive()
             m: Measurement = case.run(meter, target)
         except Exception as exc:
@@ -332,17 +310,21 @@ class _Run:
         )
         rounds = self.args.rounds
         for rnd in range(rounds):
+            # Each round starts the scenarios at a different one, so drift over a case
+            # does not always favour the same scenario.
+            shift = rnd % len(self.names)
+            order = self.names[shift:] + self.names[:shift]
             for index, case in enumerate(cases):
                 last = rnd == rounds - 1 and all(c.skip for c in cases[index + 1 :])
                 this_round: dict[str, dict[str, Any]] = {}
-                for name in self.names:
+                for name in order:
                     entry = self.measure(case, name, meter)
                     this_round[name] = entry
                     if not case.skip:
                         self.log(f"round {rnd + 1} {case.id} {name}: {entry['status']}")
                         if not last:
                             self.settle(name, case)
-                _add_relative(case, this_round)
+                add_relative(case, this_round)
                 for name, entry in this_round.items():
                     self.rounds.setdefault(case.id, {}).setdefault(name, []).append(entry)
         return cases
@@ -352,8 +334,9 @@ class _Run:
         for target in self.running.values():
             target.stop()
         self.running.clear()
-        if self.upstream is not None:
-            self.upstream.stop()
+        for up in (self.upstream, self.fast_upstream):
+            if up is not None:
+                up.stop()
         if self.args.keep_tmp:
             print(f"logs and configs kept in {self.tmp}", file=sys.stderr)
         else:
@@ -372,7 +355,7 @@ class _Run:
                 "metrics": [asdict(m) for m in case.metrics],
                 "scenarios": {
                     name: {
-                        **_aggregate(per_scenario.get(name, [])),
+                        **aggregate(per_scenario.get(name, [])),
                         "rounds": [
                             {k: r.get(k) for k in ("status", "metrics", "steal_pct")}
                             for r in per_scenario.get(name, [])
@@ -394,8 +377,13 @@ class _Run:
             "The Python load generator (proxycore.tools.loadgen, one process) shares a core with "
             "the hypercorn upstream: `direct` is the ceiling of every rps row, and a fast "
             "proxy can look no faster than the generator.",
-            "proxycore runs with its defaults (`serve --upstream`): 32 idle upstream "
-            "connections per origin, max_connections 10,000; nginx keeps 64.",
+            "proxycore runs with its defaults: 32 idle upstream connections per origin, "
+            "max_connections 10,000; nginx keeps 64.",
+            "`GET /small` (small and ttfb rows) goes to a canned-response upstream "
+            "(`bench.fast_upstream`, tens of thousands of requests/s on the load core) so "
+            "the hypercorn sim does not cap those rows; every proxy routes that one path there.",
+            "Every round measures the scenarios in a rotated order (round r starts at the "
+            "r-th scenario).",
         ]
         return {
             "schema": 1,
@@ -420,49 +408,11 @@ class _Run:
         }
 
 
-def _compact(value: Any) -> Any:
-    """The document with every float cut to 5 significant digits (a smaller file)."""
-    if isinstance(value, float):
-        return float(f"{value:.5g}")
-    if isinstance(value, dict):
-        return {k: _compact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_compact(v) for v in value]
-    return value
-
-
 def _fds(pid: int) -> int | None:
     try:
         return psutil.Process(pid).num_fds()
     except (psutil.Error, OSError):
         return None
-
-
-def _failures(doc: dict[str, Any]) -> list[str]:
-    out = [
-        f"{n}: {s['status']}"
-        for n, s in doc["scenarios"].items()
-        if s["status"].startswith("failed")
-    ]
-    for workload, cases in doc["workloads"].items():
-        for key, case in cases.items():
-            for name, entry in case["scenarios"].items():
-                if entry["status"].startswith("failed"):
-                    out.append(f"{workload}/{key} {name}: {entry['status']}")
-    return out
-
-
-def _print_markdown(markdown: str) -> None:
-    if sys.stdout.isatty():
-        try:
-            from rich.console import Console
-            from rich.markdown import Markdown
-        except ImportError:
-            pass
-        else:
-            Console().print(Markdown(markdown))
-            return
-    print(markdown, end="", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -501,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         run.stop()
         signal.signal(signal.SIGTERM, previous)
-    doc = _compact(run.document(cases, started, steal.stop()))
+    doc = compact(run.document(cases, started, steal.stop()))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / started.strftime("%Y%m%dT%H%M%SZ")
     json_path = stem.with_suffix(".json")
@@ -515,10 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         json_path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     markdown = render_markdown(doc)
     stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
-    _print_markdown(markdown)
+    print_markdown(markdown)
     print(f"wrote {json_path} (+ .md{'' if args.no_chart else ', .png'})", file=sys.stderr)
-    failures = _failures(doc)
-    if failures and args.strict:
-        print("failures:\n  " + "\n  ".join(failures), file=sys.stderr)
+    failed = failures(doc)
+    if failed and args.strict:
+        print("failures:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1
     return 0

@@ -14,6 +14,7 @@ from bench.env import Pinning, free_port, nofile_limits
 from bench.procs import Child, StartError, wait_http
 
 __all__ = [
+    "DEFAULT_SCENARIOS",
     "SCENARIOS",
     "Running",
     "StartContext",
@@ -28,8 +29,13 @@ __all__ = [
 HOST: Final = "127.0.0.1"
 READY_TIMEOUT_S: Final = 30.0
 #: Every scenario the bench knows, in report order.
-SCENARIOS: Final = ("direct", "proxycore", "nginx", "fastapi")
+SCENARIOS: Final = ("direct", "proxycore", "proxycore-full", "nginx", "aiohttp", "fastapi")
+DEFAULT_SCENARIOS: Final = SCENARIOS
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+#: Requests for this path go to the canned-response upstream (``bench.fast_upstream``).
+FAST_PATH: Final = "/small"
+#: The inbound bearer secret of ``proxycore-full`` (a bench value, not a secret).
+BENCH_BEARER: Final = "bench-inbound-secret-0123456789abcdef"
 
 
 @dataclass(frozen=True)
@@ -37,10 +43,16 @@ class StartContext:
     upstream_port: int
     tmp: Path
     pinning: Pinning
+    #: The canned-response upstream that serves FAST_PATH.
+    fast_port: int
 
     @property
     def upstream_url(self) -> str:
         return f"http://{HOST}:{self.upstream_port}/"
+
+    @property
+    def fast_url(self) -> str:
+        return f"http://{HOST}:{self.fast_port}/"
 
 
 @dataclass
@@ -52,6 +64,16 @@ class Running:
     port: int
     child: Child | None  # None for ``direct`` (the upstream belongs to the runner)
     description: str
+    #: Headers every request through this scenario carries (proxycore-full's bearer).
+    headers: tuple[tuple[str, str], ...] = ()
+    #: ``direct`` only: where FAST_PATH is served (the load goes there itself).
+    fast_port: int | None = None
+
+    def port_for(self, path: str) -> int:
+        """The port a request for ``path`` goes to (``direct``: the upstream serving it)."""
+        if self.fast_port is not None and path.split("?", 1)[0] == FAST_PATH:
+            return self.fast_port
+        return self.port
 
     @property
     def measured_pid(self) -> int | None:
@@ -91,22 +113,25 @@ def unavailable_reason(name: str) -> str | None:
     """Why scenario ``name`` cannot run on this machine (None if it can)."""
     if name == "nginx" and find_nginx() is None:
         return "nginx not installed"
-    if name == "fastapi":
-        missing = [
-            m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None
-        ]
-        if missing:
-            return f"not installed: {', '.join(missing)} (pip install -e '.[bench]')"
+    needs = {"fastapi": ("fastapi", "uvicorn", "httpx"), "aiohttp": ("aiohttp",)}
+    missing = [m for m in needs.get(name, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"not installed: {', '.join(missing)} (pip install -e '.[bench]')"
     return None
 
 
-def start_upstream(tmp: Path, pinning: Pinning) -> tuple[Child, int]:
-    """The simulated upstream (hypercorn), pinned with the load generator."""
+def start_upstream(tmp: Path, pinning: Pinning, *, fast: bool = False) -> tuple[Child, int]:
+    """The simulated upstream (hypercorn), or with ``fast`` the canned-response one
+    (``bench.fast_upstream``), pinned with the load generator."""
     port = free_port(HOST)
-    argv = [*pinning.prefix("load"), sys.executable, "-m", "bench.upstream", "--port", str(port)]
-    child = Child("upstream", argv, log_path=tmp / "upstream.log", env=child_env(), cwd=REPO_ROOT)
+    module, name = (
+        ("bench.fast_upstream", "fast upstream") if fast else ("bench.upstream", "upstream")
+    )
+    argv = [*pinning.prefix("load"), sys.executable, "-m", module, "--port", str(port)]
+    log_path = tmp / f"{module.rpartition('.')[2]}.log"
+    child = Child(name, argv, log_path=log_path, env=child_env(), cwd=REPO_ROOT)
     try:
-        wait_http(child, HOST, port, "/healthz", READY_TIMEOUT_S)
+        wait_http(child, HOST, port, FAST_PATH if fast else "/healthz", READY_TIMEOUT_S)
     except BaseException:
         child.stop()
         raise
@@ -146,8 +171,21 @@ http {{
         keepalive_requests 1000000;
     }}
 
+    upstream fast {{
+        server {HOST}:{ctx.fast_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+
     server {{
         listen {HOST}:{port} backlog=4096;
+        location = {FAST_PATH} {{
+            proxy_pass http://fast;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
         location / {{
             proxy_pass http://sim;
             proxy_http_version 1.1;
@@ -162,22 +200,65 @@ http {{
 """
 
 
+def _proxycore_toml(ctx: StartContext, run_dir: Path, *, full: bool) -> Path:
+    """proxycore's config: FAST_PATH to the fast upstream, the rest to the sim.
+
+    ``full`` (the production shape of issue 16): inbound bearer auth, a credential
+    injected from a file on both routes, the admin listener (metrics), access log on.
+    """
+    lines: list[str] = []
+    inject = ""
+    if full:
+        secret = run_dir / "inbound.secret"
+        secret.write_text(BENCH_BEARER + "\n", encoding="utf-8")
+        secret.chmod(0o600)
+        token = run_dir / "upstream.token"
+        token.write_text("bench-upstream-api-key\n", encoding="utf-8")
+        token.chmod(0o600)
+        lines += [
+            "[inbound]",
+            'mode = "bearer"',
+            f'secret_file = "{secret}"',
+            "",
+            "[admin]",
+            f'listen = "{HOST}:{free_port(HOST)}"',
+            "",
+        ]
+        inject = f'inject = {{ header = "x-api-key", token_file = "{token}" }}\n'
+    for prefix, url in ((FAST_PATH, ctx.fast_url), ("/", ctx.upstream_url)):
+        lines += [
+            "[[routes]]",
+            f'prefix = "{prefix}"',
+            f'upstream = "{url}"',
+            "strip_prefix = false",
+            inject,
+        ]
+    path = run_dir / "proxycore.toml"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
 def _argv(ctx: StartContext, name: str, port: int, run_dir: Path) -> tuple[list[str], str]:
     pin = ctx.pinning.prefix("proxy")
-    if name == "proxycore":
-        argv = [
-            *pin,
-            sys.executable,
-            "-m",
-            "proxycore",
-            "serve",
-            "--upstream",
-            ctx.upstream_url,
-            "--listen",
-            f"{HOST}:{port}",
-            "--no-access-log",
-        ]
-        return argv, "proxycore serve --upstream (defaults), 1 process"
+    if name in ("proxycore", "proxycore-full"):
+        full = name == "proxycore-full"
+        conf = _proxycore_toml(ctx, run_dir, full=full)
+        argv = [*pin, sys.executable, "-m", "proxycore", "serve", "--config", str(conf)]
+        argv += ["--listen", f"{HOST}:{port}"]
+        if not full:
+            argv.append("--no-access-log")
+            return argv, "proxycore serve, defaults, no access log, 1 process"
+        return argv, (
+            "proxycore serve, production shape: inbound bearer, x-api-key injected from a "
+            "file, JSON access log (stderr to a file), admin listener with metrics, 1 process"
+        )
+    if name == "aiohttp":
+        argv = [*pin, sys.executable, "-m", "bench.peers.aiohttp_proxy", "--port", str(port)]
+        loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+        return argv, (
+            f"aiohttp, one ClientSession (keep-alive TCPConnector), iter_any() both ways, "
+            f"no access log, {loop} loop, 1 process"
+        )
     if name == "nginx":
         nginx = find_nginx()
         if nginx is None:
@@ -210,7 +291,14 @@ def _argv(ctx: StartContext, name: str, port: int, run_dir: Path) -> tuple[list[
 def start_scenario(ctx: StartContext, name: str) -> Running:
     """Start scenario ``name`` and wait until ``GET /small`` answers through it."""
     if name == "direct":
-        return Running(name, HOST, ctx.upstream_port, None, "load generator -> upstream")
+        return Running(
+            name,
+            HOST,
+            ctx.upstream_port,
+            None,
+            f"load generator -> upstream ({FAST_PATH}: the fast upstream)",
+            fast_port=ctx.fast_port,
+        )
     reason = unavailable_reason(name)
     if reason is not None:
         raise StartError(reason)
@@ -218,11 +306,14 @@ def start_scenario(ctx: StartContext, name: str) -> Running:
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port(HOST)
     argv, description = _argv(ctx, name, port, run_dir)
-    env = child_env(BENCH_UPSTREAM=ctx.upstream_url.rstrip("/"))
+    env = child_env(
+        BENCH_UPSTREAM=ctx.upstream_url.rstrip("/"), BENCH_FAST_UPSTREAM=ctx.fast_url.rstrip("/")
+    )
+    headers = (("Authorization", f"Bearer {BENCH_BEARER}"),) if name == "proxycore-full" else ()
     child = Child(name, argv, log_path=run_dir / "stdout.log", env=env, cwd=REPO_ROOT)
     try:
-        wait_http(child, HOST, port, "/small", READY_TIMEOUT_S)
+        wait_http(child, HOST, port, FAST_PATH, READY_TIMEOUT_S, headers=headers)
     except BaseException:
         child.stop()
         raise
-    return Running(name, HOST, port, child, description)
+    return Running(name, HOST, port, child, description, headers=headers)

@@ -26,6 +26,9 @@ from starlette.responses import StreamingResponse
 __all__ = ["app"]
 
 UPSTREAM = os.environ.get("BENCH_UPSTREAM", "http://127.0.0.1:8000")
+#: The bench sends ``/small`` to a second, faster upstream when this is set.
+FAST_UPSTREAM = os.environ.get("BENCH_FAST_UPSTREAM", UPSTREAM)
+FAST_PATH = "/small"
 
 #: Hop-by-hop headers (RFC 9110 7.6.1) plus the ones httpx/uvicorn set themselves.
 _HOP_BY_HOP = frozenset(
@@ -45,17 +48,17 @@ _HOP_BY_HOP = frozenset(
 #: Response headers uvicorn writes itself (forwarding them would duplicate them).
 _SERVER_SET = frozenset({"date", "server"})
 
-_client = httpx.AsyncClient(
-    base_url=UPSTREAM,
-    limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-    timeout=httpx.Timeout(None, connect=10.0),
-)
+_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+_TIMEOUT = httpx.Timeout(None, connect=10.0)
+_client = httpx.AsyncClient(base_url=UPSTREAM, limits=_LIMITS, timeout=_TIMEOUT)
+_fast_client = httpx.AsyncClient(base_url=FAST_UPSTREAM, limits=_LIMITS, timeout=_TIMEOUT)
 
 
 @asynccontextmanager
 async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
     yield
     await _client.aclose()
+    await _fast_client.aclose()
 
 
 app = FastAPI(lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -69,13 +72,14 @@ async def proxy(request: Request, path: str) -> StreamingResponse:
         if name.decode("latin-1").lower() not in _HOP_BY_HOP
     ]
     has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
-    upstream_request = _client.build_request(
+    client = _fast_client if request.url.path == FAST_PATH else _client
+    upstream_request = client.build_request(
         request.method,
         httpx.URL(path=request.url.path, query=request.url.query.encode("latin-1")),
         headers=headers,
         content=request.stream() if has_body else None,
     )
-    upstream = await _client.send(upstream_request, stream=True)
+    upstream = await client.send(upstream_request, stream=True)
     response_headers = {
         name: value
         for name, value in upstream.headers.multi_items()

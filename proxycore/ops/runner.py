@@ -13,6 +13,7 @@ from typing import Final
 
 import trio
 
+from ..observe.accesslog import flush_logs
 from ..ops.process import pid_file, signal_receiver
 from ..ops.server import Server
 
@@ -52,3 +53,4 @@ async def run_server(
                 await server.run(task_status=task_status)
             finally:
                 nursery.cancel_scope.cancel()  # drained (or forced): stop watching signals
+                flush_logs()  # held access lines, while a second signal is still caught
