@@ -1,5 +1,5 @@
 #!/bin/bash
-# usage: cpu.sh TREE plain|full N [prefix...]
+# usage: cpu.sh TREE plain|full|group1|group3 N [prefix...]
 #   The proxycore in TREE (run from TREE) pinned to core 0 behind the canned-response
 #   upstream, N sequential keep-alive GET /small from core 1 after 2,000 warm-up ones.
 #   Prints CPU per request (schedstat; user/sys from stat). PYARGS="-m cProfile -o F"
@@ -33,6 +33,23 @@ EOT
   ARGS="serve --config $OUT/full/p.toml --listen 127.0.0.1:$PXP"
   HDR="Authorization: Bearer bench-inbound-secret-0123456789abcdef"
   ERR=$OUT/access.log
+elif [ "$MODE" = group1 ] || [ "$MODE" = group3 ]; then
+  # issue 14's cost: one route over a group of three upstreams (the same server under
+  # three names, least_connections, retries and ejection on) versus a group of one
+  mkdir -p $OUT/group
+  if [ "$MODE" = group3 ]; then
+    UPS="{ url = \"http://127.0.0.1:$UPP/\", name = \"a\" }, { url = \"http://127.0.0.1:$UPP/\", name = \"b\" }, { url = \"http://127.0.0.1:$UPP/\", name = \"c\" }"
+  else
+    UPS="{ url = \"http://127.0.0.1:$UPP/\", name = \"a\" }"
+  fi
+  cat > $OUT/group/p.toml <<EOT
+[[routes]]
+prefix = "/"
+upstreams = [ $UPS ]
+retry = { attempts = 2, on = ["connect_error", "503"] }
+EOT
+  ARGS="serve --config $OUT/group/p.toml --listen 127.0.0.1:$PXP --no-access-log"
+  ERR=$OUT/proxy.log
 else
   ARGS="serve --upstream http://127.0.0.1:$UPP/ --listen 127.0.0.1:$PXP --no-access-log"
   ERR=$OUT/proxy.log

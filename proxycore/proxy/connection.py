@@ -14,6 +14,7 @@ passed on; the client gets a generic reason.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import socket
 from typing import Final
@@ -57,8 +58,7 @@ class ClientConnection:
         self.stream = RawStream(sock)
         self.peer_ip = peer_ip
         self.state = state
-        #: Read buffer (client -> upstream body) and write buffer (upstream -> client).
-        self.rbuf = bytearray(CHUNK)
+        #: Write buffer (upstream -> client). Reads use a buffer of their own (:attr:`rbuf`).
         self.wbuf = bytearray(CHUNK)
         #: Bytes received past the current request (the start of the next one).
         self.pending = b""
@@ -66,6 +66,8 @@ class ClientConnection:
         self.linger = False
         self._raw_head = b""
         self._head_len = 0
+        #: The scope of the waits between requests (made by :meth:`serve`).
+        self._idle = trio.CancelScope()
 
     async def serve(self) -> None:
         """Answer requests until the client closes, errs or idles out.
@@ -75,26 +77,11 @@ class ClientConnection:
         state = self.state
         state.connection_opened()
         try:
-            first = True
             stream = self.stream
-            while True:
-                snapshot = state.snapshot
-                # Until a route is matched (its own ``send``), writes have the default bound.
-                stream.send_timeout = snapshot.config.timeouts.send
-                request = await self._read_head(snapshot.config.server, first)
-                if request is None:
-                    break
-                first = False
-                # The config of the exchange is the one in force when its head arrived
-                # (a reload while this connection idled applies to this request).
-                exchange = Exchange(self, state, request, self.pending, state.snapshot)
-                outcome = await exchange.run()
-                self.pending = outcome.leftover
-                self.linger |= outcome.linger
-                # A cut write (part of a write left, then it failed or was cancelled): the
-                # client may hold half a message; nothing may follow it.
-                if not outcome.reuse or state.draining or stream.write_cut:
-                    break
+            # One scope for the connection's waits between requests: its deadline moves
+            # (a scope per request costs more than a small exchange); it ends the loop.
+            with trio.CancelScope() as self._idle:
+                await self._requests()
             if self.linger and not stream.write_cut:
                 await self._linger()
         except Exception:
@@ -102,6 +89,28 @@ class ClientConnection:
         finally:
             state.connection_closed()
             self.stream.close()
+
+    async def _requests(self) -> None:
+        """Read and run requests until the connection is done with."""
+        state, stream, first = self.state, self.stream, True
+        while True:
+            snapshot = state.snapshot
+            # Until a route is matched (its own ``send``), writes have the default bound.
+            stream.send_timeout = snapshot.config.timeouts.send
+            request = await self._read_head(snapshot.config.server, first)
+            if request is None:
+                break
+            first = False
+            # The config of the exchange is the one in force when its head arrived
+            # (a reload while this connection idled applies to this request).
+            exchange = Exchange(self, state, request, self.pending, state.snapshot)
+            outcome = await exchange.run()
+            self.pending = outcome.leftover
+            self.linger |= outcome.linger
+            # A cut write (part of a write left, then it failed or was cancelled): the
+            # client may hold half a message; nothing may follow it.
+            if not outcome.reuse or state.draining or stream.write_cut:
+                break
 
     async def _read_head(self, server: ServerSettings, first: bool) -> h11.Request | None:
         limit = server.max_header_bytes
@@ -114,14 +123,14 @@ class ClientConnection:
         if not data:
             if self.state.draining:
                 return None
-            first_byte_by = deadline if first else now + server.keepalive_timeout
-            idle_waits = self.state.idle_waits
-            with trio.move_on_at(first_byte_by) as idle:
-                idle_waits.add(idle)
-                try:
-                    data = await self._recv()
-                finally:
-                    idle_waits.discard(idle)
+            idle, idle_waits = self._idle, self.state.idle_waits
+            idle.deadline = deadline if first else now + server.keepalive_timeout
+            idle_waits.add(idle)
+            try:
+                data = await self._recv()  # expiry (or a drain) cancels the whole loop
+            finally:
+                idle_waits.discard(idle)
+                idle.deadline = math.inf
             if not data:
                 return None  # closed, or idle past the keep-alive timeout: close quietly
             if not first:
@@ -192,22 +201,29 @@ class ClientConnection:
         except OSError:
             return
         with trio.move_on_after(LINGER_S):
-            discarded = 0
+            discarded, buf = 0, self.rbuf
             while discarded < LINGER_BYTES:
                 try:
-                    n = await self.stream.recv_into(self.rbuf, CHUNK)
+                    n = await self.stream.recv_into(buf, CHUNK)
                 except StreamBroken:
                     return
                 if not n:
                     return
                 discarded += n
 
+    @property
+    def rbuf(self) -> bytearray:
+        """A buffer for one read loop (a request body pump, a head): made when one starts,
+        so a connection holding a stream open for an hour holds no read buffer."""
+        return bytearray(CHUNK)
+
     async def _recv(self) -> bytes:
+        buf = self.rbuf
         try:
-            n = await self.stream.recv_into(self.rbuf, CHUNK)
+            n = await self.stream.recv_into(buf, CHUNK)
         except StreamBroken:
             return b""
-        return bytes(self.rbuf[:n])
+        return bytes(buf[:n])
 
     async def _refuse(self, exc: DownstreamError, method: bytes = b"") -> None:
         """Answer a request whose head was refused, log it, and (always) close."""

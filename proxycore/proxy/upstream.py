@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from typing import Final, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import h11
 import trio
@@ -77,6 +77,7 @@ from ..net.pool import (
 from ..net.stream import CHUNK, SendTimeout, Stream, StreamBroken, TLSStream
 from ..proxy.attempts import Attempts
 from ..proxy.ledger import Ledger
+from ..proxy.slow_heads import FAST_WAIT_S, slow_heads
 from ..upstreams.group import Member
 
 __all__ = [
@@ -87,8 +88,6 @@ __all__ = [
     "UpstreamCall",
 ]
 
-#: How long a response head may take before the downstream is watched by a task.
-FAST_WAIT_S: Final = 0.005
 
 #: The origin and serialized head (with the body bytes in hand) for one upstream.
 HeadFor = Callable[[Member], tuple[Origin, bytes]]
@@ -352,7 +351,8 @@ class UpstreamCall:
                     main_error = exc
                 finally:
                     self._nursery = None
-                    nursery.cancel_scope.cancel()
+                    if self._watching:  # else no child: cancel() is not free (task reprs)
+                        nursery.cancel_scope.cancel()
             if self.side_error is not None:
                 raise self.side_error
             if main_error is not None:
@@ -407,11 +407,15 @@ class UpstreamCall:
             scope.deadline = min(trio.current_time() + self.timeouts.response, self._try_deadline)
 
     async def _recv_soon(self, stream: Stream, buf: bytearray) -> int:
-        """Read, starting the downstream watch if nothing came within ``FAST_WAIT_S``."""
-        with trio.move_on_after(FAST_WAIT_S):
+        """Read; if nothing came within ``FAST_WAIT_S`` the process's slow-head watcher
+        starts the downstream watch (no timer of this exchange's own: most heads come
+        well before, and a cancel scope per exchange costs more than the exchange)."""
+        slow = slow_heads()
+        slow.add(self)
+        try:
             return await stream.recv_into(buf, CHUNK)
-        self.watch_downstream()
-        return await stream.recv_into(buf, CHUNK)
+        finally:
+            slow.discard(self)
 
     async def _response_head(self, conn: UpstreamConnection) -> ResponseHead:
         """Read the final response head (relaying 1xx on the way, ``response`` timeout),
