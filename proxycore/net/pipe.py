@@ -162,7 +162,12 @@ async def pump_chunked(
     try:
         with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
             while not scanner.done:
-                n = await _recv(src, buf, CHUNK)
+                # The read and the write inline (not through _recv/_send): this loop
+                # runs once per SSE event, and a coroutine call per step costs.
+                try:
+                    n = await src.recv_into(buf, CHUNK)
+                except StreamBroken as exc:
+                    raise SourceFailed(str(exc)) from None
                 if not n:
                     raise SourceFailed("chunked body ended before its last chunk")
                 try:
@@ -173,7 +178,10 @@ async def pump_chunked(
                     raise BodyTooLarge(f"body larger than {max_payload} bytes")
                 if not drop_trailers:
                     writing = True
-                    await _send(dst, view[:end])
+                    try:
+                        await dst.send_all(view[:end])
+                    except StreamBroken as exc:
+                        raise SinkFailed(str(exc)) from None
                     writing = False
                     moved += end
                 else:
