@@ -4,6 +4,10 @@ Order matters for safety: client headers are filtered first (hop-by-hop, every
 name listed in ``Connection``, and every header the proxy owns), and the
 proxy's own headers are appended after, so no client can remove or override
 them with ``Connection: <name>``.
+
+Each function runs once or twice per request: one walk of the list, a name lower-cased
+only when its length could match; :func:`scan_request` answers the exchange's questions
+about the client's head in one walk; fresh request ids come from a pool of random bytes.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ __all__ = [
     "IDEMPOTENT",
     "Framing",
     "Headers",
+    "RequestScan",
     "add_sse_headers",
     "connection_tokens",
+    "fresh_request_id",
     "invalid_header_problem",
     "is_sse",
     "may_retry",
@@ -33,6 +39,7 @@ __all__ = [
     "request_framing",
     "request_id_from",
     "response_framing",
+    "scan_request",
     "serialize_head",
     "upstream_reusable",
     "without_h2c_offer",
@@ -42,48 +49,17 @@ __all__ = [
 Headers: TypeAlias = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
+    b"connection keep-alive proxy-connection proxy-authenticate proxy-authorization te "
+    b"trailer transfer-encoding upgrade".split()
 )
 
 #: Request headers the proxy sets itself; client copies never pass.
 PROXY_OWNED_REQUEST: Final = frozenset(
-    {
-        b"host",
-        b"content-length",
-        b"expect",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-forwarded-port",
-        b"x-forwarded-prefix",
-        b"x-real-ip",
-        b"forwarded",
-        b"x-original-url",
-        b"x-original-uri",
-        b"x-rewrite-url",
-        b"x-forwarded-uri",
-        b"x-forwarded-method",
-        b"x-forwarded-ssl",
-        b"x-forwarded-scheme",
-        b"x-forwarded-server",
-        b"x-http-method-override",
-        b"x-http-method",
-        b"x-method-override",
-        b"x-client-ip",
-        b"true-client-ip",
-        b"cf-connecting-ip",
-        b"x-request-id",
-    }
+    b"host content-length expect x-forwarded-for x-forwarded-proto x-forwarded-host "
+    b"x-forwarded-port x-forwarded-prefix x-real-ip forwarded x-original-url "
+    b"x-original-uri x-rewrite-url x-forwarded-uri x-forwarded-method x-forwarded-ssl "
+    b"x-forwarded-scheme x-forwarded-server x-http-method-override x-http-method "
+    b"x-method-override x-client-ip true-client-ip cf-connecting-ip x-request-id".split()
 )
 
 #: The fields that frame a message on the wire (a hook may not change them).
@@ -93,6 +69,12 @@ FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"co
 PROXY_OWNED_RESPONSE: Final = frozenset({b"content-length", b"x-request-id"})
 
 _REQUEST_ID_OK: Final = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+#: What a client request header may not pass upstream as, whatever ``Connection`` says.
+_REQUEST_SKIP: Final = HOP_BY_HOP | PROXY_OWNED_REQUEST
+#: The same for response headers (``content-length`` is checked on its own).
+_RESPONSE_SKIP: Final = HOP_BY_HOP | PROXY_OWNED_RESPONSE
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 BodyKind = Literal["none", "length", "chunked", "close"]
 
@@ -113,10 +95,12 @@ IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Lower-cased names listed in every ``Connection`` header."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
+    values = [v for n, v in headers if len(n) == 10 and n.lower() == b"connection"]
+    return _tokens(values) if values else _NO_TOKENS
+
+
+def _tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+    tokens = {t.strip().lower() for value in values for t in value.split(b",")}
     tokens.discard(b"")
     return frozenset(tokens)
 
@@ -149,15 +133,28 @@ def without_h2c_offer(headers: Headers) -> Headers | None:
     return kept
 
 
-def _values(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> list[bytes]:
-    return [v for n, v in headers if n.lower() == wanted]
+def _framing_values(headers: Iterable[tuple[bytes, bytes]]) -> tuple[list[bytes], list[bytes]]:
+    """The ``Transfer-Encoding`` and ``Content-Length`` values."""
+    te: list[bytes] = []
+    cl: list[bytes] = []
+    for name, value in headers:
+        size = len(name)
+        if size == 17:
+            if name.lower() == b"transfer-encoding":
+                te.append(value)
+        elif size == 14 and name.lower() == b"content-length":
+            cl.append(value)
+    return te, cl
 
 
 def _content_length(values: list[bytes], error: type[Exception]) -> int:
-    lengths = {v.strip() for value in values for v in value.split(b",")}
-    if len(lengths) != 1:
-        raise error("conflicting Content-Length values")
-    (raw,) = lengths
+    if len(values) == 1 and b"," not in values[0]:
+        raw = values[0].strip()  # the one value: the set below would hold just it
+    else:
+        lengths = {v.strip() for value in values for v in value.split(b",")}
+        if len(lengths) != 1:
+            raise error("conflicting Content-Length values")
+        (raw,) = lengths
     if not raw.isdigit() or len(raw) > 18:
         raise error("malformed Content-Length")
     return int(raw)
@@ -171,8 +168,11 @@ def request_framing(headers: Headers, http_version: bytes) -> Framing:
     Content-Length, any Transfer-Encoding other than exactly ``chunked``, and
     Transfer-Encoding on HTTP/1.0.
     """
-    te = _values(headers, b"transfer-encoding")
-    cl = _values(headers, b"content-length")
+    te, cl = _framing_values(headers)
+    return _request_framing(te, cl, http_version)
+
+
+def _request_framing(te: list[bytes], cl: list[bytes], http_version: bytes) -> Framing:
     if te:
         if cl:
             raise BadRequest("both Content-Length and Transfer-Encoding are present")
@@ -195,8 +195,7 @@ def response_framing(method: bytes, status: int, headers: Headers) -> Framing:
     """
     if method == b"HEAD" or status < 200 or status in (204, 304):
         return NO_BODY
-    te = _values(headers, b"transfer-encoding")
-    cl = _values(headers, b"content-length")
+    te, cl = _framing_values(headers)
     if te and cl:
         raise UpstreamProtocolError(
             "upstream response has both Content-Length and Transfer-Encoding"
@@ -229,7 +228,9 @@ def may_retry(method: bytes, framing: Framing) -> bool:
 
 def is_sse(headers: Headers) -> bool:
     """Is the response an event stream (its first ``Content-Type``)?"""
-    return is_event_stream(next((v for n, v in headers if n.lower() == b"content-type"), None))
+    return is_event_stream(
+        next((v for n, v in headers if len(n) == 12 and n.lower() == b"content-type"), None)
+    )
 
 
 def add_sse_headers(headers: Headers) -> None:
@@ -241,12 +242,101 @@ def add_sse_headers(headers: Headers) -> None:
         headers.append((b"X-Accel-Buffering", b"no"))
 
 
+#: Fresh ids not handed out yet, each 12 bytes (96 bits) of one 4,092-byte ``os.urandom``
+#: draw, hex. ``list.pop`` is atomic (never one id twice, even across threads); a forked
+#: child empties the list so it never repeats its parent's ids.
+_fresh_ids: list[str] = []
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_ids.clear)
+
+
+def _refill_ids() -> None:
+    pool = os.urandom(12 * 341).hex()
+    _fresh_ids.extend(pool[i : i + 24] for i in range(0, len(pool), 24))
+
+
+def fresh_request_id() -> str:
+    """96 random bits, hex (24 characters): as ``os.urandom(12).hex()``, from a pool."""
+    while True:
+        try:
+            return _fresh_ids.pop()
+        except IndexError:
+            _refill_ids()
+
+
 def request_id_from(headers: Headers) -> str:
     """The client's X-Request-ID if it is sane, else a fresh random one."""
     for name, value in headers:
-        if name.lower() == b"x-request-id" and _REQUEST_ID_OK.fullmatch(value):
+        if len(name) == 12 and name.lower() == b"x-request-id" and _REQUEST_ID_OK.fullmatch(value):
             return value.decode("ascii")
-    return os.urandom(12).hex()
+    return fresh_request_id()
+
+
+#: Lengths of the names :func:`scan_request` reads (no other name is lower-cased).
+_SCANNED_SIZES: Final = frozenset({6, 7, 10, 12, 14, 17})
+
+
+@dataclass(slots=True)
+class RequestScan:
+    """What the exchange asks of the client's head before admission, from one walk.
+
+    Each answer is the one the single-purpose function gives on the same list:
+    ``request_id`` (:func:`request_id_from`), ``tokens`` (:func:`connection_tokens`),
+    :meth:`framing` (:func:`request_framing`, raising what it raises, only when called),
+    ``upgrade`` (an ``Upgrade`` field is present), ``expect`` (every ``Expect`` value,
+    stripped and lower-cased) and ``accepts_event_stream`` (an ``Accept`` value names
+    ``text/event-stream``). Exact names only: ``_`` spellings are not these fields (as
+    the functions above); the upstream filter still drops them.
+    """
+
+    request_id: str
+    tokens: frozenset[bytes]
+    upgrade: bool
+    expect: list[bytes]
+    accepts_event_stream: bool
+    _te: list[bytes]
+    _cl: list[bytes]
+
+    def framing(self, http_version: bytes) -> Framing:
+        """:func:`request_framing` of the scanned list. Raises :class:`BadRequest`."""
+        return _request_framing(self._te, self._cl, http_version)
+
+
+def scan_request(headers: Iterable[tuple[bytes, bytes]]) -> RequestScan:
+    """Walk the client's request headers once: see :class:`RequestScan`."""
+    request_id = ""
+    te: list[bytes] = []
+    cl: list[bytes] = []
+    listed: list[bytes] = []
+    expect: list[bytes] = []
+    upgrade = accepts = False
+    for name, value in headers:
+        if len(name) not in _SCANNED_SIZES:
+            continue
+        lname = name.lower()
+        if lname == b"content-length":
+            cl.append(value)
+        elif lname == b"transfer-encoding":
+            te.append(value)
+        elif lname == b"connection":
+            listed.append(value)
+        elif lname == b"upgrade":
+            upgrade = True
+        elif lname == b"expect":
+            expect.append(value.strip().lower())
+        elif lname == b"accept":
+            accepts = accepts or b"text/event-stream" in value.lower()
+        elif lname == b"x-request-id" and not request_id and _REQUEST_ID_OK.fullmatch(value):
+            request_id = value.decode("ascii")
+    return RequestScan(
+        request_id or fresh_request_id(),
+        _tokens(listed) if listed else _NO_TOKENS,
+        upgrade,
+        expect,
+        accepts,
+        te,
+        cl,
+    )
 
 
 def reason_phrase(status: int) -> bytes:
@@ -289,23 +379,35 @@ def upstream_request_headers(
     a client's own chain is kept only when its peer is a trusted proxy). ``proto`` is
     the scheme the client used (``X-Forwarded-Proto``).
     """
-    dropped = connection_tokens(client) | HOP_BY_HOP | drop
+    # One walk: the names ``Connection`` lists are known only at its end, so a name
+    # it lists that is not dropped anyway is taken out of ``out`` after (rare).
     out: Headers = []
     forwarded_host = b""
+    listed: list[bytes] = []
     for name, value in client:
         lname = name.lower()
         if b"_" in lname:
             # Many frameworks read X_Foo and X-Foo as the same header: treat them so.
             lname = lname.replace(b"_", b"-")
-        if lname in dropped:
-            continue
-        if lname in PROXY_OWNED_REQUEST:
+        if lname in _REQUEST_SKIP:  # hop-by-hop or the proxy's own: never passed
             if lname == b"host":
                 forwarded_host = value
+            elif lname == b"connection":
+                listed.append(value)
+            continue
+        if lname in drop:
             continue
         if identity_encoding and lname == b"accept-encoding":
             continue
         out.append((name, value))
+    if listed:
+        tokens = _tokens(listed)
+        if b"host" in tokens:
+            forwarded_host = b""
+        if not tokens <= _REQUEST_SKIP:
+            out = [(n, v) for n, v in out if _spelled(n) not in tokens]
+    if forwarded_host and b"host" in drop:
+        forwarded_host = b""
     out.append((b"Host", host))
     out.append((b"X-Forwarded-For", forwarded_for))
     out.append((b"X-Forwarded-Proto", proto))
@@ -323,6 +425,12 @@ def upstream_request_headers(
     return out
 
 
+def _spelled(name: bytes) -> bytes:
+    """A request field name as the filters compare it: lower case, ``_`` read as ``-``."""
+    lname = name.lower()
+    return lname.replace(b"_", b"-") if b"_" in lname else lname
+
+
 def downstream_response_headers(
     upstream: Headers,
     *,
@@ -337,15 +445,21 @@ def downstream_response_headers(
     ``keep_length`` (HEAD, 304) the upstream's Content-Length is kept as it
     describes the representation, not this message.
     """
-    dropped = connection_tokens(upstream) | HOP_BY_HOP
     out: Headers = []
+    listed: list[bytes] = []
     for name, value in upstream:
         lname = name.lower()
-        if lname in dropped:
-            continue
-        if lname in PROXY_OWNED_RESPONSE and not (keep_length and lname == b"content-length"):
+        if lname in _RESPONSE_SKIP:
+            if lname == b"connection":
+                listed.append(value)
+            elif keep_length and lname == b"content-length":
+                out.append((name, value))
             continue
         out.append((name, value))
+    if listed:
+        tokens = _tokens(listed)
+        if not tokens <= HOP_BY_HOP:
+            out = [(n, v) for n, v in out if n.lower() not in tokens]
     if framing.kind == "length":
         out.append((b"Content-Length", b"%d" % framing.length))
     elif framing.kind == "chunked":

@@ -1,8 +1,12 @@
 """Prometheus metrics (prometheus-client), one registry per running proxy.
 
-Counters and histograms are updated once per exchange, from its access-log
-record (``observe``), never per chunk; labelled children are cached per route
-so the hot path skips prometheus-client's label lookup. Gauges that describe
+The per-exchange counters and histograms (requests, upstream TTFB, duration,
+upstream errors, body bytes) are updated once per exchange, from its access-log
+record (``observe``), never per chunk, into plain ints and floats per route
+(no prometheus-client child, no lock: ``observe`` runs on the one trio thread);
+:class:`_ExchangeCollector` turns them into the same families at scrape time
+(names, labels, buckets, ``_total``/``_sum``/``_count``/``_created``, in the same
+order as the prometheus-client objects they replace). Gauges that describe
 the current state (connections, exchanges in flight, pool, config generation)
 are read at scrape time through a :class:`Gauges` callable supplied by the owner
 of that state (``ProxyState.gauges``), so they cost nothing per request and this
@@ -11,12 +15,19 @@ module needs no import of the proxy layer.
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ..net.pool import Origin
 from ..observe.accesslog import ExchangeRecord
@@ -50,15 +61,101 @@ _LATENCY_BUCKETS: Final = (
 _STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 
-class _RouteMetrics:
-    __slots__ = ("bytes_in", "bytes_out", "duration", "requests", "ttfb")
+#: The ``le`` label of each bucket, as prometheus-client writes it (``+Inf`` last).
+_LE: Final = (*(floatToGoString(b) for b in _LATENCY_BUCKETS), "+Inf")  # type: ignore[no-untyped-call]
 
-    def __init__(self, metrics: Metrics, route: str) -> None:
-        self.requests = {c: metrics.requests.labels(route, c) for c in _STATUS_CLASSES}
-        self.ttfb = metrics.ttfb.labels(route)
-        self.duration = metrics.duration.labels(route)
-        self.bytes_in = metrics.bytes.labels(route, "in")
-        self.bytes_out = metrics.bytes.labels(route, "out")
+
+class _RouteStats:
+    """One route's per-exchange figures: what prometheus-client's children held.
+
+    Bucket counts are per bucket (not cumulative): one ``bisect`` and one ``+=`` per
+    observation; the cumulative counts are made at scrape time.
+    """
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "created",
+        "duration",
+        "duration_sum",
+        "requests",
+        "ttfb",
+        "ttfb_sum",
+    )
+
+    def __init__(self, created: float) -> None:
+        self.created = created
+        self.requests = [0] * len(_STATUS_CLASSES)
+        self.ttfb = [0] * len(_LE)
+        self.ttfb_sum = 0.0
+        self.duration = [0] * len(_LE)
+        self.duration_sum = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    total = 0
+    for le, n in zip(_LE, counts, strict=True):
+        total += n
+        out.append((le, float(total)))
+    return out
+
+
+class _ExchangeCollector(Collector):
+    """The per-exchange families, from the plain figures, at scrape time."""
+
+    def __init__(
+        self, routes: dict[str, _RouteStats], errors: dict[tuple[str, str], list[float]]
+    ) -> None:
+        self._routes = routes
+        self._errors = errors
+
+    def collect(self) -> Iterator[Metric]:
+        routes = list(self._routes.items())
+        requests = CounterMetricFamily(
+            "proxycore_requests",
+            "Requests answered, by route and status class.",
+            labels=["route", "status_class"],
+        )
+        ttfb = HistogramMetricFamily(
+            "proxycore_upstream_ttfb_seconds",
+            "Time from request start to the first upstream response byte.",
+            labels=["route"],
+        )
+        duration = HistogramMetricFamily(
+            "proxycore_exchange_duration_seconds", "Whole exchange duration.", labels=["route"]
+        )
+        for route, s in routes:
+            for status_class, n in zip(_STATUS_CLASSES, s.requests, strict=True):
+                requests.add_metric([route, status_class], float(n), created=s.created)
+            for family, counts, total in (
+                (ttfb, s.ttfb, s.ttfb_sum),
+                (duration, s.duration, s.duration_sum),
+            ):
+                family.add_metric([route], _cumulative(counts), total)
+                family.add_sample(family.name + "_created", {"route": route}, s.created)
+        yield requests
+        yield ttfb
+        yield duration
+        errors = CounterMetricFamily(
+            "proxycore_upstream_errors",
+            "Upstream failures by kind (connect, timeout, reset, protocol).",
+            labels=["route", "kind"],
+        )
+        for (route, kind), (count, created) in list(self._errors.items()):
+            errors.add_metric([route, kind], float(count), created=created)
+        yield errors
+        body = CounterMetricFamily(
+            "proxycore_body_bytes",
+            "Body bytes by route and direction (in: from clients, out: to clients).",
+            labels=["route", "direction"],
+        )
+        for route, s in routes:
+            body.add_metric([route, "in"], float(s.bytes_in), created=s.created)
+            body.add_metric([route, "out"], float(s.bytes_out), created=s.created)
+        yield body
 
 
 class Gauges(NamedTuple):
@@ -195,38 +292,11 @@ class Metrics:
     def __init__(self, gauges: Callable[[], Gauges]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
-        self.requests = Counter(
-            "proxycore_requests",
-            "Requests answered, by route and status class.",
-            ["route", "status_class"],
-            registry=reg,
-        )
-        self.ttfb = Histogram(
-            "proxycore_upstream_ttfb_seconds",
-            "Time from request start to the first upstream response byte.",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.duration = Histogram(
-            "proxycore_exchange_duration_seconds",
-            "Whole exchange duration.",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=reg,
-        )
-        self.upstream_errors = Counter(
-            "proxycore_upstream_errors",
-            "Upstream failures by kind (connect, timeout, reset, protocol).",
-            ["route", "kind"],
-            registry=reg,
-        )
-        self.bytes = Counter(
-            "proxycore_body_bytes",
-            "Body bytes by route and direction (in: from clients, out: to clients).",
-            ["route", "direction"],
-            registry=reg,
-        )
+        #: Per route (in the order first seen): the per-exchange figures.
+        self._routes: dict[str, _RouteStats] = {}
+        #: ``(route, kind)`` -> ``[count, created]``.
+        self._errors: dict[tuple[str, str], list[float]] = {}
+        reg.register(_ExchangeCollector(self._routes, self._errors))
         self.reloads = Counter(
             "proxycore_reloads", "Config reloads by outcome.", ["outcome"], registry=reg
         )
@@ -249,26 +319,33 @@ class Metrics:
             registry=reg,
         )
         reg.register(_StateCollector(gauges))
-        self._routes: dict[str, _RouteMetrics] = {}
 
     def observe(self, record: ExchangeRecord) -> None:
         """Account one finished exchange (called once, from the access-log point)."""
         route = record.route or "-"
-        children = self._routes.get(route)
-        if children is None:
-            children = self._routes[route] = _RouteMetrics(self, route)
+        stats = self._routes.get(route)
+        if stats is None:
+            stats = self._routes[route] = _RouteStats(time.time())
         status = record.status
         if 100 <= status < 600:
-            children.requests[_STATUS_CLASSES[status // 100 - 1]].inc()
-        if record.ttfb is not None:
-            children.ttfb.observe(record.ttfb)
-        children.duration.observe(record.duration)
-        if record.bytes_in:
-            children.bytes_in.inc(record.bytes_in)
-        if record.bytes_out:
-            children.bytes_out.inc(record.bytes_out)
+            stats.requests[status // 100 - 1] += 1
+        ttfb = record.ttfb
+        if ttfb is not None:
+            stats.ttfb[bisect_left(_LATENCY_BUCKETS, ttfb)] += 1
+            stats.ttfb_sum += ttfb
+        duration = record.duration
+        stats.duration[bisect_left(_LATENCY_BUCKETS, duration)] += 1
+        stats.duration_sum += duration
+        if record.bytes_in > 0:
+            stats.bytes_in += record.bytes_in
+        if record.bytes_out > 0:
+            stats.bytes_out += record.bytes_out
         if record.error_kind:
-            self.upstream_errors.labels(route, record.error_kind).inc()
+            key = (route, record.error_kind)
+            error = self._errors.get(key)
+            if error is None:
+                error = self._errors[key] = [0, time.time()]
+            error[0] += 1
 
     def observe_tunnel_call(self, outcome: str, seconds: float) -> None:
         """Account one call through a tunnel session (round trip only when answered)."""

@@ -45,11 +45,9 @@ from ..errors import (
 from ..http.headers import (
     Framing,
     Headers,
-    connection_tokens,
     may_retry,
     reason_phrase,
-    request_framing,
-    request_id_from,
+    scan_request,
     serialize_head,
     without_h2c_offer,
 )
@@ -145,17 +143,18 @@ class Exchange:
         unexpected exception is one log line and a 500 (or a cut), and closes."""
         client = self.client
         method = self.method.decode("ascii", "replace")
-        request_id = request_id_from(self.headers)
+        scan = scan_request(self.headers)  # one walk: id, tokens, upgrade, Accept, framing
+        request_id = scan.request_id
         ledger = self.ledger = Ledger(self.state, method, client.peer_ip, request_id, log)
         sink = self.sink = RawResponseSink(client, ledger, self.method, self.client_11)
         try:
             view = self._preflight()
-            framing = request_framing(self.headers, self.request.http_version)
+            framing = scan.framing(self.request.http_version)
             body = self.body = RawRequestBody(client, ledger.record, self.data, framing)
-            tokens = connection_tokens(self.headers)
+            tokens = scan.tokens
             if b"close" in tokens:
                 sink.close = True
-            upgrade = b"upgrade" in tokens and self._has(b"upgrade")
+            upgrade = b"upgrade" in tokens and scan.upgrade
             if upgrade and (plain := without_h2c_offer(self.headers)) is not None:
                 # A cleartext HTTP/2 offer (curl --http2): declined, served as HTTP/1.1.
                 self.headers, upgrade = plain, False
@@ -164,7 +163,7 @@ class Exchange:
                 ledger, self.snapshot, self.method, view, self.headers, body.declared
             )
             client.stream.send_timeout = self.snapshot.config.timeouts_for(match.route).send
-            sink.sse_errors = match.route.sse.errors and self._accepts_event_stream()
+            sink.sse_errors = match.route.sse.errors and scan.accepts_event_stream
             if upgrade:
                 if not match.route.websocket or not self._is_websocket_upgrade():
                     raise BadRequest("protocol upgrades are not enabled on this route")
@@ -216,18 +215,10 @@ class Exchange:
 
     # -- the head's questions ------------------------------------------------
 
-    def _accepts_event_stream(self) -> bool:
-        return any(
-            n.lower() == b"accept" and b"text/event-stream" in v.lower() for n, v in self.headers
-        )
-
     def _is_websocket_upgrade(self) -> bool:
         return self.method == b"GET" and any(
             n.lower() == b"upgrade" and v.strip().lower() == b"websocket" for n, v in self.headers
         )
-
-    def _has(self, name: bytes) -> bool:
-        return any(n.lower() == name for n, _ in self.headers)
 
     # -- the three ways on ---------------------------------------------------
 
