@@ -6,6 +6,10 @@ request body arrives and how the response leaves. They hand those two jobs to
 :class:`UpstreamCall` as a :class:`RequestBody` and a :class:`ResponseSink`;
 everything else happens here, once:
 
+0. The tries: :class:`~proxycore.proxy.attempts.Attempts` names the upstream of
+   each (the route's group); a connect error, or a response head it says to retry,
+   before any byte reached the client, closes that connection and starts the next
+   try on another upstream (the front end serializes the head for each).
 1. Connect: a pooled connection, or a new one within the ``connect`` timeout
    (errors name the route, never the address). A pooled connection that turns
    out dead before any response byte is retried once on a *new* connection,
