@@ -10,11 +10,14 @@ waits, starts the watch of those still waiting at ``FAST_WAIT_S``.
 
 from __future__ import annotations
 
+import logging
 from typing import Final, Protocol
 
 import trio
 
 __all__ = ["FAST_WAIT_S", "SlowHeads", "Watchable", "slow_heads"]
+
+log: Final = logging.getLogger("proxycore.upstream")
 
 #: How long a response head may take before the downstream is watched by a task.
 FAST_WAIT_S: Final = 0.005
@@ -54,7 +57,10 @@ class SlowHeads:
                 now = trio.current_time()
                 for call in [c for c, at in self._waiting.items() if at <= now]:
                     del self._waiting[call]
-                    call.watch_downstream()
+                    try:  # a system task's exception would end the whole run
+                        call.watch_downstream()
+                    except Exception:
+                        log.exception("starting a downstream watch failed")
         finally:
             self._running = False
 
