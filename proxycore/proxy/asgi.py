@@ -80,7 +80,7 @@ from ..http.headers import (
     request_id_from,
 )
 from ..http.router import Match
-from ..net.pool import Origin, UpstreamConnection
+from ..net.pool import UpstreamConnection
 from ..net.stream import CHUNK, Stream, StreamBroken
 from ..proxy.hooks import Hooks
 from ..proxy.ledger import Ledger
@@ -88,14 +88,13 @@ from ..proxy.preflight import (
     admit,
     answer_head,
     expect_continue,
+    heads,
     plan_attempts,
     request_view,
-    upstream_head,
 )
 from ..proxy.state import ProxyState
 from ..proxy.upstream import ResponseHead, UpstreamCall
 from ..security.admission import Admission
-from ..upstreams.group import Member
 
 __all__ = ["ProxyApp"]
 
@@ -247,24 +246,18 @@ class _Exchange:
         self.framing = framing
         self.done = framing is NO_BODY or bool(first)
         attempts.set_body(len(first) if self.done else None)
-        credentials = snapshot.security.guard(match.route).credentials
-        proto = b"https" if self.scope.get("scheme") == "https" else b"http"
-
-        def head_for(member: Member) -> tuple[Origin, bytes]:
-            head = upstream_head(
-                ledger,
-                match,
-                member.spec,
-                query,
-                self.method,
-                self.headers,
-                forwarded_for=self.forwarded_for,
-                framing=framing,
-                admission=admission,
-                credential=credentials.get(member.name),
-                proto=proto,
-            )
-            return member.origin, head + first
+        head_for = heads(
+            ledger,
+            match,
+            query,
+            self.method,
+            self.headers,
+            forwarded_for=self.forwarded_for,
+            framing=framing,
+            admission=admission,
+            proto=b"https" if self.scope.get("scheme") == "https" else b"http",
+            body=first,
+        )
 
         call = UpstreamCall(
             ledger,

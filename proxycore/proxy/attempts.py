@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -31,13 +32,18 @@ import trio
 from ..config import RetryPolicy
 from ..errors import BadRequest, SessionNotFound
 from ..http.headers import Headers
+from ..net.pool import Origin
 from ..observe.accesslog import ExchangeRecord
 from ..upstreams.affinity import SessionIds
 from ..upstreams.group import Member, UpstreamGroup
 
-__all__ = ["SESSION_HEADER", "Affinity", "Attempts", "retry_after_seconds"]
+__all__ = ["SESSION_HEADER", "Affinity", "Attempts", "HeadFor", "retry_after_seconds"]
 
 SESSION_HEADER: Final = b"mcp-session-id"
+
+#: What the upstream core asks the front end for each try: the upstream's origin and its
+#: serialized head with the body bytes in hand.
+HeadFor = Callable[[Member], tuple[Origin, bytes]]
 #: Methods a ``reset`` may be retried for (RFC 9110 idempotent methods).
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 

@@ -53,16 +53,15 @@ from ..http.headers import (
 )
 from ..http.router import Match
 from ..http.target import TargetView
-from ..net.pool import Origin
 from ..net.stream import RawStream
 from ..proxy.ledger import Ledger
 from ..proxy.preflight import (
     admit,
     answer_head,
     expect_continue,
+    heads,
     plan_attempts,
     request_view,
-    upstream_head,
 )
 from ..proxy.relay import ClientSide, RawRequestBody, RawResponseSink
 from ..proxy.sse_relay import sse_error_reply
@@ -309,14 +308,8 @@ class Exchange:
             drain=self.state,
             response_head=hook,
             upstream=member.spec if member is not None else None,
-            credential=self._credential(match, member),
+            credential=_credential(admission, member),
         )
-
-    def _credential(self, match: Match, member: Member | None) -> tuple[bytes, bytes] | None:
-        if member is None:
-            return None
-        credential = self.snapshot.security.guard(match.route).credentials.get(member.name)
-        return credential.field() if credential is not None else None
 
     async def _upgrade(self, match: Match, view: TargetView, admission: Admission) -> None:
         """Hand the connection to the WebSocket relay (it answers, or raises before any
@@ -350,36 +343,29 @@ class Exchange:
         if not body.done and not expect and attempts.gathers(length):
             await body.read_all(match.route.max_retry_body_bytes, timeouts.client_body)
         attempts.set_body(len(body.start) if body.done else None)
-        credentials = snapshot.security.guard(match.route).credentials
-        method, headers, forwarded_for = self.method, self.headers, self.forwarded_for
-
-        def head_for(member: Member) -> tuple[Origin, bytes]:
-            head = upstream_head(
-                ledger,
-                match,
-                member.spec,
-                query,
-                method,
-                headers,
-                forwarded_for=forwarded_for,
-                framing=framing,
-                admission=admission,
-                credential=credentials.get(member.name),
-                proto=SCHEME,
-            )
-            return member.origin, head + body.start
-
+        head_for = heads(
+            ledger,
+            match,
+            query,
+            self.method,
+            self.headers,
+            forwarded_for=self.forwarded_for,
+            framing=framing,
+            admission=admission,
+            proto=SCHEME,
+            body=body.start,  # all of it when gathered: read above
+        )
         call = UpstreamCall(
             ledger,
             self.state.pool,
             body,
             sink,
-            method=method,
+            method=self.method,
             timeouts=timeouts,
             server=config.server,
         )
         await call.forward(
-            attempts, head_for, retry=may_retry(method, framing), expect_continue=expect
+            attempts, head_for, retry=may_retry(self.method, framing), expect_continue=expect
         )
         if not body.done:
             # The response ended before the request body: we can't find the next request.
@@ -420,3 +406,9 @@ class Exchange:
         rec.bytes_out = await self.client.send_error(
             exc, ledger.request_id, sink.close, self.method
         )
+
+
+def _credential(admission: Admission, member: Member | None) -> tuple[bytes, bytes] | None:
+    """The injected credential field of ``member`` (a WebSocket upgrade's upstream)."""
+    credential = admission.credentials.get(member.name) if member is not None else None
+    return credential.field() if credential is not None else None

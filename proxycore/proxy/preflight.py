@@ -36,16 +36,19 @@ from ..http.headers import (
 from ..http.request_head import IPNetwork, check_head, client_address
 from ..http.router import Match
 from ..http.target import TargetView, parse_target
-from ..proxy.attempts import Attempts, hash_key
+from ..net.pool import Origin
+from ..proxy.attempts import Attempts, HeadFor, hash_key
 from ..proxy.hooks import Response
 from ..proxy.ledger import Ledger
 from ..proxy.state import Snapshot
 from ..security.admission import Admission, Credential
+from ..upstreams.group import Member
 
 __all__ = [
     "admit",
     "answer_head",
     "expect_continue",
+    "heads",
     "plan_attempts",
     "request_view",
     "upstream_head",
@@ -152,6 +155,42 @@ def upstream_head(
     )
     start = b"%s %s%s HTTP/1.1\r\n" % (method, match.path_for(spec), query)
     return serialize_head(start, out)
+
+
+def heads(
+    ledger: Ledger,
+    match: Match,
+    query: bytes,
+    method: bytes,
+    headers: Headers,
+    *,
+    forwarded_for: bytes,
+    framing: Framing,
+    admission: Admission,
+    proto: bytes,
+    body: bytes,
+) -> HeadFor:
+    """What the upstream core asks for each try (both front ends): the upstream's origin
+    and its head (:func:`upstream_head`, its credential) followed by ``body``, the body
+    bytes in hand."""
+
+    def head_for(member: Member) -> tuple[Origin, bytes]:
+        head = upstream_head(
+            ledger,
+            match,
+            member.spec,
+            query,
+            method,
+            headers,
+            forwarded_for=forwarded_for,
+            framing=framing,
+            admission=admission,
+            credential=admission.credentials.get(member.name),
+            proto=proto,
+        )
+        return member.origin, head + body
+
+    return head_for
 
 
 def plan_attempts(

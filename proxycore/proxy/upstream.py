@@ -79,22 +79,19 @@ from ..net.pool import (
     with_stale_retry,
 )
 from ..net.stream import CHUNK, SendTimeout, Stream, StreamBroken, TLSStream
-from ..proxy.attempts import Attempts
+from ..proxy.attempts import Attempts, HeadFor
 from ..proxy.ledger import Ledger
 from ..proxy.slow_heads import FAST_WAIT_S, slow_heads
 from ..upstreams.group import Member
 
 __all__ = [
     "FAST_WAIT_S",
+    "HeadFor",
     "RequestBody",
     "ResponseHead",
     "ResponseSink",
     "UpstreamCall",
 ]
-
-
-#: The origin and serialized head (with the body bytes in hand) for one upstream.
-HeadFor = Callable[[Member], tuple[Origin, bytes]]
 
 
 class _Retry(Exception):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -74,6 +74,8 @@ class Admission:
     identity: str = ""
     #: Call when the exchange ends (frees a concurrent-stream slot).
     release: Callable[[], None] | None = None
+    #: The route's injected credential per upstream name (absent: none).
+    credentials: Mapping[str, Credential] = field(default_factory=dict)
 
 
 def _refusal_error(refusal: Refusal) -> ProxyError:
@@ -178,7 +180,7 @@ class RouteGuard:
         for name in self.singletons:
             if _count(headers, name) > 1:
                 raise BadRequest(f"the {name.decode('ascii')} field appears twice")
-        admission = Admission(self.drop)
+        admission = Admission(self.drop, credentials=self.credentials)
         key = client_ip
         if self.mode == "bearer":
             key = admission.identity = self._bearer(headers)
