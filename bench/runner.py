@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import signal
 import sys
@@ -107,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-tmp", action="store_true", help="keep the logs and configs")
     p.add_argument(
         "--strict", action="store_true", help="exit 1 if any scenario or measurement failed"
+    )
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="also measure --workers 2 against one worker (issue 16 target 6, unpinned: "
+        "bench/scale.py), after the workloads",
     )
     p.add_argument(
         "--soak",
@@ -408,6 +415,19 @@ class _Run:
         }
 
 
+def _scale(args: argparse.Namespace) -> dict[str, Any]:
+    """Target 6's measurement (bench/scale.py), or why it could not run."""
+    from bench.scale import report, run_rounds
+
+    duration = 2 if args.tiny else 4 if args.quick else 10
+    try:
+        runs = run_rounds(args.rounds, duration)
+    except (RuntimeError, StartError, OSError) as exc:
+        return {"result": f"n/a: {_short(exc)}"}
+    _, doc = report(runs, len(os.sched_getaffinity(0)), 2, 100, duration)
+    return doc
+
+
 def _fds(pid: int) -> int | None:
     try:
         return psutil.Process(pid).num_fds()
@@ -452,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.stop()
         signal.signal(signal.SIGTERM, previous)
     doc = compact(run.document(cases, started, steal.stop()))
+    if args.scale:
+        doc["scale"] = _scale(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / started.strftime("%Y%m%dT%H%M%SZ")
     json_path = stem.with_suffix(".json")
