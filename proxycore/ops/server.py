@@ -79,6 +79,10 @@ class AcceptErrors:
         )
 
 
+#: Connections accepted in a row without a checkpoint before the accept loop yields.
+_BURST: Final = 64
+
+
 async def _handle(
     sock: socket.socket, peer_ip: str, state: ProxyState, limit: trio.Semaphore
 ) -> None:
@@ -239,14 +243,26 @@ class Server:
         async with trio.open_nursery() as connections:
             with trio.CancelScope() as accepting:
                 self._accepting.append(accepting)
+                burst = 0
                 while True:
-                    await limit.acquire()
+                    # A free slot is taken without a checkpoint (a scheduler round per
+                    # accept shows on fresh connections); ``accept`` yields when it waits,
+                    # and a long burst of ready connections yields every ``_BURST``.
+                    try:
+                        limit.acquire_nowait()
+                    except trio.WouldBlock:
+                        await limit.acquire()
+                        burst = 0
                     try:
                         sock, addr = await accept(listener, self.accept_errors)
                     except BaseException:
                         limit.release()
                         raise
                     connections.start_soon(_handle, sock, addr[0], self.state, limit)
+                    burst += 1
+                    if burst >= _BURST:
+                        burst = 0
+                        await trio.lowlevel.checkpoint()
 
     async def _drain(self, listeners: list[socket.socket]) -> None:
         grace = self.config.server.shutdown_grace
