@@ -5,6 +5,7 @@ interleaved, write ``<out>/<UTC stamp>.json``, ``.md`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -420,6 +421,10 @@ def _scale(args: argparse.Namespace) -> dict[str, Any]:
     from bench.scale import report, run_rounds
 
     duration = 2 if args.tiny else 4 if args.quick else 10
+    # The runner pinned itself to the load core, and children inherit that: the scale
+    # runs are unpinned, on every core.
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
     try:
         runs = run_rounds(args.rounds, duration)
     except (RuntimeError, StartError, OSError) as exc:

@@ -148,6 +148,7 @@ def measure_once(
     )
     try:
         wait_http(proxy, HOST, port, FAST_PATH, READY_TIMEOUT_S)
+        _wait_listening(proxy.pid, port, workers)
         # Each worker takes its own share of new connections (SO_REUSEPORT hashes them):
         # a warm-up lets every worker open its upstream connections first.
         _wrk(wrk, threads, connections, 1, port, tmp / "warmup.txt")
@@ -173,6 +174,28 @@ def measure_once(
         100 * wrk_cpu / elapsed,
         100 * up_cpu / elapsed,
     )
+
+
+def _wait_listening(pid: int, port: int, workers: int) -> None:
+    """Wait until ``workers`` processes of the tree listen on ``port``: the kernel spreads
+    new connections only over the sockets bound when they arrive, and wrk keeps its."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    root = psutil.Process(pid)
+    while True:
+        listening = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                conns = proc.net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            listening += any(
+                c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns
+            )
+        if listening >= workers:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {listening} of {workers} workers listen on port {port}")
+        time.sleep(0.05)
 
 
 def _wrk(wrk: str, threads: int, connections: int, duration: int, port: int, out: Path) -> float:
