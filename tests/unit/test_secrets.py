@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxycore.security.secrets import (
     MIN_SECRET_LENGTH,
@@ -723,3 +725,27 @@ def test_check_secret_missing_and_unreadable(tmp_path: Path) -> None:
     make_unreadable(tmp_path / "bad")
     with pytest.raises(SecretError, match="unreadable"):
         check_secret(str(tmp_path / "bad"))
+
+
+def _parse_bearer_reference(authorization: bytes | None) -> bytes | None:
+    """parse_bearer as it was before its token check became a regex (the oracle)."""
+    if authorization is None:
+        return None
+    scheme, sep, rest = authorization.strip(b" \t").partition(b" ")
+    if not sep or scheme.lower() != b"bearer":
+        return None
+    token = rest.lstrip(b" ")
+    if not token or any(b <= 0x20 or b == 0x7F for b in token):
+        return None
+    return token
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.sampled_from([b"Bearer ", b"bearer  ", b"BEARER\t", b"Basic ", b"Bearer", b" Bearer "]),
+    st.binary(max_size=40)
+    | st.lists(st.sampled_from(list(b"aZ9-._~+/= \t\x00\x1f\x7f\x80\xff")), max_size=20).map(bytes),
+)
+def test_parse_bearer_matches_the_bytewise_reference(prefix: bytes, token: bytes) -> None:
+    value = prefix + token
+    assert parse_bearer(value) == _parse_bearer_reference(value)
