@@ -128,9 +128,39 @@ class ChunkedScanner:
         if self.done:
             self.trailer_start = start
             return start
-        i = self._scan(data, start, end, spans)
-        self._offset += i - start
-        return i
+        i = start
+        if self._state == _SIZE and not self._line:
+            # Fast path: whole chunks (size line, data, CRLF) at the window's start, one
+            # step each: exactly what _scan's states accept and how they end (SIZE, no
+            # partial line); anything else (a chunk cut by the window's end, the last
+            # chunk, any error) is left to them from the same position.
+            max_line = self._max_line
+            while i < end:
+                m = _SIZE_LINE.match(data, i, end)
+                if m is None:
+                    break
+                j = m.end()
+                size = int(m.group(1), 16)
+                k = j + size
+                if (
+                    not size
+                    or j - i > max_line
+                    or k + 2 > end
+                    or data[k] != _CR
+                    or data[k + 1] != _LF
+                ):
+                    break
+                if spans is not None:
+                    spans.append((j, k))
+                self.payload_bytes += size
+                i = k + 2
+            self._offset += i - start
+            if i == end:
+                self.trailer_start = i
+                return i
+        j = self._scan(data, i, end, spans)
+        self._offset += j - i
+        return j
 
     def _fail(self, what: str, pos: int) -> ChunkedError:
         self._state = _FAILED

@@ -12,8 +12,11 @@ upstreams; the ``SSLStream`` runs over a :class:`RawTransport` (a ``RawStream``)
 
 Fairness: a run of reads that never blocks would never yield to trio, so a
 stream checkpoints explicitly after ``_YIELD_EVERY`` reads in a row that did
-not wait. A short read means the kernel buffer is drained, so the next read
-waits for readability first instead of paying for a failing ``recv``.
+not wait. The checkpoint is taken at the start of the next read, before any byte
+is taken from the socket: a read is a cancel point only where it has consumed
+nothing (a cancelled read loses no bytes, so a caller may retry it). A short read
+means the kernel buffer is drained, so the next read waits for readability first
+instead of paying for a failing ``recv``.
 
 Errors: every transport failure is raised as :class:`StreamBroken`, so the
 callers map one exception per side to the right proxy error.
@@ -29,6 +32,12 @@ one write may wait without the peer accepting a byte. The timer is armed only
 when the socket would block (inside the ``wait_writable`` loop), so a write that
 completes at once costs nothing extra. On expiry :class:`SendTimeout` (a
 :class:`StreamBroken`) is raised and the stream is cut.
+
+Would-block hook: :attr:`RawStream.on_block`, if set, is called each time a
+``send_all`` is about to wait for the socket to take bytes (never when the write
+completes at once). A body pump uses it to make its idle deadline exact before the
+write can be cancelled part-way (``net/pipe.py``: its deadline is otherwise moved
+lazily).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import errno
 import select
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import trio
@@ -116,7 +126,7 @@ class Stream(Protocol):
 class RawStream:
     """A plain TCP stream over a non-blocking stdlib socket."""
 
-    __slots__ = ("_cut", "_drained", "_run", "bytes_sent", "send_timeout", "sock")
+    __slots__ = ("_cut", "_drained", "_run", "bytes_sent", "on_block", "send_timeout", "sock")
 
     def __init__(self, sock: socket.socket, send_timeout: float = NO_SEND_TIMEOUT) -> None:
         sock.setblocking(False)
@@ -130,6 +140,8 @@ class RawStream:
         self.bytes_sent = 0
         self._drained = False
         self._run = 0
+        #: Called before each wait for the socket to take bytes (see module).
+        self.on_block: Callable[[], object] | None = None
 
     @property
     def write_cut(self) -> bool:
@@ -140,6 +152,10 @@ class RawStream:
         if self._drained:
             await trio.lowlevel.wait_readable(sock)
             self._run = 0
+        elif self._run >= _YIELD_EVERY:
+            # Fairness, before the read: a cancellation here has consumed nothing.
+            self._run = 0
+            await trio.lowlevel.checkpoint()
         while True:
             try:
                 n = sock.recv_into(buf, nbytes)
@@ -152,23 +168,58 @@ class RawStream:
             break
         self._drained = n < nbytes
         self._run += 1
-        if self._run >= _YIELD_EVERY:
+        return n
+
+    async def recv(self, nbytes: int) -> bytes:
+        """:meth:`recv_into` returning a fresh ``bytes`` (b"" at the end): for a caller that
+        holds no buffer between reads (same fairness, same cancel point)."""
+        sock = self.sock
+        if self._drained:
+            await trio.lowlevel.wait_readable(sock)
+            self._run = 0
+        elif self._run >= _YIELD_EVERY:
             self._run = 0
             await trio.lowlevel.checkpoint()
-        return n
+        while True:
+            try:
+                data = sock.recv(nbytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                self._run = 0
+                continue
+            except OSError as exc:
+                raise StreamBroken(_describe(exc)) from None
+            break
+        self._drained = len(data) < nbytes
+        self._run += 1
+        return data
 
     async def send_all(self, data: Buffer) -> None:
         if self._cut:
             raise StreamBroken(_CUT)
         sock = self.sock
+        total = len(data)  # bytes: every caller writes flat byte buffers
+        if not total:
+            return
+        # The common case first: the socket takes it all at once (no wait, no loop).
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._cut = True
+            raise StreamBroken(_describe(exc)) from None
+        if sent == total:
+            self.bytes_sent += total
+            return
         view = memoryview(data)
-        total = len(view)
-        sent = 0
         try:
             while sent < total:
                 try:
                     sent += sock.send(view[sent:] if sent else view)
                 except BlockingIOError:
+                    if self.on_block is not None:
+                        self.on_block()
                     await self._wait_writable()
                 except OSError as exc:
                     self._cut = True
@@ -239,6 +290,10 @@ class RawTransport(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         raw = self.raw
         sock = raw.sock
+        if raw._run >= _YIELD_EVERY:
+            # Fairness, before the read (see module): a cancellation consumed nothing.
+            raw._run = 0
+            await trio.lowlevel.checkpoint()
         while True:
             try:
                 data = sock.recv(max_bytes or _TLS_READ)
@@ -250,9 +305,6 @@ class RawTransport(trio.abc.Stream):
                 raise StreamBroken(_describe(exc)) from None
             break
         raw._run += 1
-        if raw._run >= _YIELD_EVERY:
-            raw._run = 0
-            await trio.lowlevel.checkpoint()
         return data
 
     async def aclose(self) -> None:
@@ -298,17 +350,21 @@ class TLSStream:
         return self._cut
 
     async def recv_into(self, buf: bytearray, nbytes: int) -> int:
+        data = await self.recv(nbytes)
+        n = len(data)
+        buf[:n] = data
+        return n
+
+    async def recv(self, nbytes: int) -> bytes:
+        """At most ``nbytes`` as a fresh ``bytes`` (b"" at the end)."""
         try:
-            data = await self._ssl.receive_some(nbytes)
+            return bytes(await self._ssl.receive_some(nbytes))
         except trio.BrokenResourceError as exc:
             if isinstance(exc.__cause__, ssl.SSLEOFError):
                 raise StreamBroken("TLS: closed without close_notify (truncated)") from None
             raise StreamBroken(_describe(exc)) from None
         except (trio.ClosedResourceError, OSError) as exc:
             raise StreamBroken(_describe(exc)) from None
-        n = len(data)
-        buf[:n] = data
-        return n
 
     async def send_all(self, data: Buffer) -> None:
         if self._cut:

@@ -57,7 +57,7 @@ from ..http.chunked import LAST_CHUNK, ChunkedError, ChunkedScanner, encode_chun
 from ..http.headers import add_sse_headers, serialize_head
 from ..http.sse import BOM, HEARTBEAT, SSEEvent, SSEParser, error_event
 from ..net.pipe import CHUNK, FramingError, IdleTimeout, SinkFailed, SourceFailed
-from ..net.stream import Stream, StreamBroken
+from ..net.stream import RawStream, Stream, StreamBroken, TLSStream
 from ..proxy.ledger import Ledger
 
 __all__ = ["HOLD_MAX", "SSERelay", "relay_sse", "sse_error_reply"]
@@ -72,7 +72,7 @@ class SSERelay:
         *,
         up: Stream,
         down: Stream,
-        buf: bytearray,
+        buf: bytearray | None,
         idle: float,
         chunked_out: bool,
         parser: SSEParser,
@@ -226,7 +226,13 @@ class SSERelay:
         scanner = ChunkedScanner() if kind == "chunked" else None
         remaining = length - len(first) if kind == "length" else -1
         pending: bytes | memoryview = first
-        view = memoryview(self._buf)
+        # ``buf`` None: a fresh ``bytes`` per read where the upstream stream can (no
+        # buffer held while the stream waits for its next event), as the pumps do.
+        up, buf = self._up, self._buf
+        recv = up.recv if buf is None and isinstance(up, RawStream | TLSStream) else None
+        if buf is None:
+            buf = bytearray(CHUNK if recv is None else 0)
+        view = memoryview(buf)
         spans: list[tuple[int, int]] = []
         # True while the pump waits on the client (a write, or the lock a stalled
         # heartbeat write holds): the idle scope firing then is the client's failure.
@@ -255,7 +261,12 @@ class SSERelay:
                     return
                 want = CHUNK if remaining < 0 else min(CHUNK, remaining)
                 try:
-                    n = await self._up.recv_into(self._buf, want)
+                    if recv is None:
+                        n = await up.recv_into(buf, want)
+                        pending = view[:n]
+                    else:
+                        pending = await recv(want)
+                        n = len(pending)
                 except StreamBroken as exc:
                     raise SourceFailed(str(exc)) from None
                 if not n:
@@ -264,7 +275,6 @@ class SSERelay:
                     raise SourceFailed("upstream closed mid-body")
                 if remaining > 0:
                     remaining -= n
-                pending = view[:n]
                 scope.deadline = trio.current_time() + self._idle
         if scope.cancelled_caught:
             if writing:
@@ -285,7 +295,7 @@ async def relay_sse(
     *,
     up: Stream,
     down: Stream,
-    buf: bytearray,
+    buf: bytearray | None,
     trailing: bytes,
     kind: str,
     length: int,
@@ -296,9 +306,10 @@ async def relay_sse(
     """Relay an SSE body (its head already sent) with the route's SSE features.
 
     ``kind``/``length``: the upstream framing; ``trailing``: the body bytes read with
-    the head. With ``errors``, an upstream failure ends the stream with an ``error``
-    event (recorded as that failure) instead of cutting it. True if the upstream
-    body ended cleanly with nothing read past it. Raises
+    the head; ``buf``: the 4 KiB read buffer, or None for a fresh ``bytes`` per read.
+    With ``errors``, an upstream failure ends the stream with an ``error`` event
+    (recorded as that failure) instead of cutting it. True if the upstream body ended
+    cleanly with nothing read past it. Raises
     :class:`~proxycore.errors.ClientGone` or the upstream failure.
     """
     route, rec = ledger.route, ledger.record
