@@ -34,6 +34,7 @@ from ..errors import (
 )
 from ..http.headers import reason_phrase, request_id_from, serialize_head
 from ..net.stream import CHUNK, RawStream, StreamBroken
+from ..net.watch import unwatch
 from ..observe.accesslog import ExchangeRecord, log_exchange
 from ..proxy.exchange import Exchange
 from ..proxy.state import ProxyState
@@ -53,6 +54,18 @@ LINGER_BYTES: Final = 1 << 20
 
 class ClientConnection:
     """Drives one accepted client socket until it closes. Never raises."""
+
+    __slots__ = (
+        "_head_len",
+        "_idle",
+        "_raw_head",
+        "linger",
+        "peer_ip",
+        "pending",
+        "state",
+        "stream",
+        "wbuf",
+    )
 
     def __init__(self, sock: socket.socket, peer_ip: str, state: ProxyState) -> None:
         self.stream = RawStream(sock)
@@ -74,43 +87,42 @@ class ClientConnection:
 
         Resource handling: the socket is closed when this returns or is cancelled.
         """
-        state = self.state
+        state, stream, first = self.state, self.stream, True
         state.connection_opened()
         try:
-            stream = self.stream
             # One scope for the connection's waits between requests: its deadline moves
             # (a scope per request costs more than a small exchange); it ends the loop.
+            # The loop is in this frame: a held stream's await chain is memory.
             with trio.CancelScope() as self._idle:
-                await self._requests()
+                while True:
+                    snapshot = state.snapshot
+                    # Until a route is matched (its own ``send``), writes have the default.
+                    stream.send_timeout = snapshot.config.timeouts.send
+                    request = await self._read_head(snapshot.config.server, first)
+                    if request is None:
+                        break
+                    first = False
+                    # The config of the exchange is the one in force when its head arrived
+                    # (a reload while this connection idled applies to this request).
+                    exchange = Exchange(self, state, request, self.pending, state.snapshot)
+                    # The exchange keeps what it needs of these (a held stream: no more).
+                    request, self.pending = None, b""
+                    outcome = await exchange.run()
+                    del exchange
+                    self.pending = outcome.leftover
+                    self.linger |= outcome.linger
+                    # A cut write (part of a write left, then it failed or was cancelled):
+                    # the client may hold half a message; nothing may follow it.
+                    if not outcome.reuse or state.draining or stream.write_cut:
+                        break
             if self.linger and not stream.write_cut:
                 await self._linger()
         except Exception:
             log.exception("unexpected error on a client connection")
         finally:
             state.connection_closed()
-            self.stream.close()
-
-    async def _requests(self) -> None:
-        """Read and run requests until the connection is done with."""
-        state, stream, first = self.state, self.stream, True
-        while True:
-            snapshot = state.snapshot
-            # Until a route is matched (its own ``send``), writes have the default bound.
-            stream.send_timeout = snapshot.config.timeouts.send
-            request = await self._read_head(snapshot.config.server, first)
-            if request is None:
-                break
-            first = False
-            # The config of the exchange is the one in force when its head arrived
-            # (a reload while this connection idled applies to this request).
-            exchange = Exchange(self, state, request, self.pending, state.snapshot)
-            outcome = await exchange.run()
-            self.pending = outcome.leftover
-            self.linger |= outcome.linger
-            # A cut write (part of a write left, then it failed or was cancelled): the
-            # client may hold half a message; nothing may follow it.
-            if not outcome.reuse or state.draining or stream.write_cut:
-                break
+            unwatch(stream)  # before the fd can be reused
+            stream.close()
 
     async def _read_head(self, server: ServerSettings, first: bool) -> h11.Request | None:
         limit = server.max_header_bytes
@@ -273,6 +285,9 @@ class ClientConnection:
     def raw_head(self) -> bytes:
         """The current request's head exactly as received (for protocol upgrades)."""
         return self._raw_head[: self._head_len]
+
+    def release_head(self) -> None:
+        self._raw_head = b""
 
     async def wait_closed(self) -> bool:
         """Wait until the client closes (True) or sends more bytes (False).

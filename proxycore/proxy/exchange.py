@@ -29,6 +29,7 @@ body, never a falsely complete one.
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
 from typing import Final, NamedTuple, Protocol
 
 import h11
@@ -54,6 +55,7 @@ from ..http.headers import (
 from ..http.router import Match
 from ..http.target import TargetView
 from ..net.stream import RawStream
+from ..proxy.attempts import Attempts
 from ..proxy.ledger import Ledger
 from ..proxy.preflight import (
     admit,
@@ -97,6 +99,10 @@ class Downstream(ClientSide, Protocol):
         """The current request's head exactly as received (replayed to an upgrade)."""
         ...
 
+    def release_head(self) -> None:
+        """The current request will not be upgraded: :attr:`raw_head` is not needed."""
+        ...
+
     async def send_error(
         self, exc: ProxyError, request_id: bytes, close: bool, method: bytes = b""
     ) -> int:
@@ -118,6 +124,23 @@ class ExchangeOutcome(NamedTuple):
 class Exchange:
     """Proxies one request; :meth:`run` says what the connection does next."""
 
+    __slots__ = (
+        "_linger",
+        "body",
+        "client",
+        "client_11",
+        "data",
+        "forwarded_for",
+        "headers",
+        "ledger",
+        "method",
+        "sink",
+        "snapshot",
+        "state",
+        "target",
+        "version",
+    )
+
     def __init__(
         self,
         client: Downstream,
@@ -127,10 +150,12 @@ class Exchange:
         snapshot: Snapshot,
     ) -> None:
         """``data``: the bytes read past the request head."""
-        self.client, self.state, self.request = client, state, request
+        # What is kept of the h11 request (not the request itself: a held stream would
+        # keep its header table).
+        self.client, self.state, self.target = client, state, request.target
         self.data, self.snapshot = data, snapshot
-        self.method = request.method
-        self.client_11 = request.http_version == b"1.1"
+        self.method, self.version = request.method, request.http_version
+        self.client_11 = self.version == b"1.1"
         self.headers: Headers = list(request.headers.raw_items())
         #: The X-Forwarded-For value (set with the view).
         self.forwarded_for = b""
@@ -148,7 +173,7 @@ class Exchange:
         sink = self.sink = RawResponseSink(client, ledger, self.method, self.client_11)
         try:
             view = self._preflight()
-            framing = scan.framing(self.request.http_version)
+            framing = scan.framing(self.version)
             body = self.body = RawRequestBody(client, ledger.record, self.data, framing)
             tokens = scan.tokens
             if b"close" in tokens:
@@ -178,7 +203,20 @@ class Exchange:
             elif upgrade:
                 await self._upgrade(match, view, admission)
             else:
-                await self._forward(match, view.query, framing, expect, admission)
+                attempts = plan_attempts(
+                    ledger, self.snapshot, match, self.method, self.headers, admission
+                )
+                await self._gather(match, framing, expect, attempts)
+                forwarding = self._forward(match, view.query, framing, expect, admission, attempts)
+                # A held stream keeps nothing of the request's head in this frame.
+                del view, scan, tokens, match, admission, attempts
+                await forwarding
+                if not body.done:
+                    # The response ended before the request body: we can't find the next
+                    # request. The client may still be sending it: close lingering, so that
+                    # a reset doesn't destroy the answer before the client reads it.
+                    sink.close = True
+                    self._linger = True
         except ProxyError as exc:
             await self._fail(exc)
         except Exception as exc:  # a bug or a surprise: this exchange ends, nothing else
@@ -199,8 +237,7 @@ class Exchange:
     def _preflight(self) -> TargetView:
         """The one view of the request every decision uses: the normalized target, the
         checked head (singleton fields, Host) and the client address."""
-        request = self.request
-        if self.method == b"CONNECT" and not request.target.startswith(b"/"):
+        if self.method == b"CONNECT" and not self.target.startswith(b"/"):
             self.sink.close = True  # an authority-form target: nothing after it is ours
             raise MethodNotAllowed(
                 "CONNECT is not allowed: this is a reverse proxy",
@@ -208,7 +245,7 @@ class Exchange:
             )
         trusted = self.snapshot.config.server.trusted_networks
         view, self.forwarded_for = request_view(
-            self.ledger, request.target, self.headers, self.client.peer_ip, trusted
+            self.ledger, self.target, self.headers, self.client.peer_ip, trusted
         )
         return view
 
@@ -293,7 +330,7 @@ class Exchange:
         assert body is not None
         hook = ledger.on_response_head if ledger.hooks.on_response_head is not None else None
         return UpgradeRequest(
-            target=self.request.target,
+            target=self.target,
             headers=self.headers,
             http_11=self.client_11,
             has_body=bool(body.start) or not body.done,
@@ -326,53 +363,65 @@ class Exchange:
         self.sink.head_sent = result.head_sent
         self._linger = result.linger
 
-    async def _forward(
+    async def _gather(
+        self, match: Match, framing: Framing, expect: bool, attempts: Attempts
+    ) -> None:
+        """Read a small body whole first when the route may retry it on another upstream."""
+        body = self.body
+        assert body is not None
+        length = framing.length if framing.kind == "length" else None
+        if not body.done and not expect and attempts.gathers(length):
+            idle = self.snapshot.config.timeouts_for(match.route).client_body
+            await body.read_all(match.route.max_retry_body_bytes, idle)
+        attempts.set_body(len(body.start) if body.done else None)
+
+    def _forward(
         self,
         match: Match,
         query: bytes,
         framing: Framing,
         expect: bool,
         admission: Admission,
-    ) -> None:
-        ledger, body, sink, snapshot = self.ledger, self.body, self.sink, self.snapshot
+        attempts: Attempts,
+    ) -> Coroutine[object, object, None]:
+        """The upstream call, to be awaited by :meth:`run` (this frame is gone by then: a
+        held stream's await chain is memory)."""
+        ledger, body, sink, config = self.ledger, self.body, self.sink, self.snapshot.config
         assert body is not None
-        config = snapshot.config
-        timeouts = config.timeouts_for(match.route)
-        attempts = plan_attempts(ledger, snapshot, match, self.method, self.headers, admission)
-        length = framing.length if framing.kind == "length" else None
-        if not body.done and not expect and attempts.gathers(length):
-            await body.read_all(match.route.max_retry_body_bytes, timeouts.client_body)
-        attempts.set_body(len(body.start) if body.done else None)
-        head_for = heads(
-            ledger,
-            match,
-            query,
-            self.method,
-            self.headers,
-            forwarded_for=self.forwarded_for,
-            framing=framing,
-            admission=admission,
-            proto=SCHEME,
-            body=body.start,  # all of it when gathered: read above
-        )
         call = UpstreamCall(
             ledger,
             self.state.pool,
             body,
             sink,
             method=self.method,
-            timeouts=timeouts,
+            timeouts=config.timeouts_for(match.route),
             server=config.server,
+            client=body if type(self.client.stream) is RawStream else None,
         )
-        await call.forward(
-            attempts, head_for, retry=may_retry(self.method, framing), expect_continue=expect
+        return call.forward(
+            attempts,
+            heads(
+                ledger,
+                match,
+                query,
+                self.method,
+                self._hand_over_headers(),
+                forwarded_for=self.forwarded_for,
+                framing=framing,
+                admission=admission,
+                proto=SCHEME,
+                body=body.start,  # all of it when gathered
+            ),
+            retry=may_retry(self.method, framing),
+            expect_continue=expect,
         )
-        if not body.done:
-            # The response ended before the request body: we can't find the next request.
-            # The client may still be sending it: close lingering, so that a reset doesn't
-            # destroy the answer before the client reads it.
-            sink.close = True
-            self._linger = True
+
+    def _hand_over_headers(self) -> Headers:
+        """The request's headers for the heads' closure, their only holder from here: the
+        call drops it once the response starts (a held stream keeps none of them)."""
+        headers, self.headers, self.data = self.headers, [], b""
+        self.client.release_head()
+        return headers
 
     # -- errors ----------------------------------------------------------------
 

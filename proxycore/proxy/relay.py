@@ -43,6 +43,7 @@ from ..http.headers import (
     NO_BODY,
     UNTIL_CLOSE,
     Framing,
+    Headers,
     downstream_response_headers,
     reason_phrase,
     serialize_head,
@@ -60,7 +61,7 @@ from ..net.pipe import (
     pump_until_close,
 )
 from ..net.pool import UpstreamConnection
-from ..net.stream import NO_SEND_TIMEOUT, Buffer, Stream, StreamBroken
+from ..net.stream import NO_SEND_TIMEOUT, Buffer, RawStream, Stream, StreamBroken
 from ..observe.accesslog import ExchangeRecord
 from ..proxy.ledger import Ledger
 from ..proxy.sse_relay import relay_sse
@@ -208,6 +209,14 @@ class RawRequestBody:
             self.start += bytes(sink.data)
         return self.decoded()
 
+    def watch_stream(self) -> RawStream | None:
+        """The client socket for the process's downstream watch: as :meth:`wait_gone`, none
+        once bytes of a next request are in hand (EOF can't be seen behind them)."""
+        stream = self._down.stream
+        if self.done and not self.leftover and isinstance(stream, RawStream):
+            return stream
+        return None
+
     async def wait_gone(self) -> bool:
         # Bytes of a next request (or a body the upstream stopped reading) wait in the
         # socket: EOF can't be seen behind them, and the next cycle reads them anyway.
@@ -300,7 +309,9 @@ class RawResponseSink:
         )
 
     async def respond(self, head: ResponseHead, up: UpstreamConnection, call: UpstreamCall) -> bool:
-        status, framing, ledger = head.status, head.framing, self._ledger
+        # A stream may be held for hours: nothing of the head (its headers, the first
+        # body bytes, the client head) stays referenced by these frames while it pumps.
+        status, framing, ledger, trailing = head.status, head.framing, self._ledger, head.trailing
         kind = framing.kind
         if ledger.state.draining or not call.body.done:
             # An answer before the whole request body: the connection can't carry another
@@ -323,16 +334,29 @@ class RawResponseSink:
             and route is not None
             and (route.sse.enabled or ledger.hooks.on_sse_event is not None)
         ):
-            return await self._relay_sse(head, start, up.stream, idle, call)
-        headers = downstream_response_headers(
-            head.headers,
-            request_id=ledger.request_id,
-            framing=out,
-            keep_length=self._method == b"HEAD" or status == 304,
-            close=self.close,
+            out = CHUNKED if self.client_11 else UNTIL_CLOSE
+            data = serialize_head(start, self._headers(head, out, False))
+            del head
+            await self.send_head(data, status)
+            del data
+            call.watch_downstream()
+            return await relay_sse(
+                ledger,
+                up=up.stream,
+                down=self._down.stream,
+                buf=self.buf,
+                trailing=trailing,
+                kind=kind,
+                length=framing.length,
+                idle=idle,
+                chunked_out=self.client_11,
+                errors=self.sse_errors,
+            )
+        data = serialize_head(
+            start, self._headers(head, out, self._method == b"HEAD" or status == 304)
         )
-        data = serialize_head(start, headers)
-        rec, trailing = ledger.record, head.trailing
+        del head
+        rec = ledger.record
         down, buf = self._down.stream, self.buf
         # bytes_out: the body bytes that left, counted by the stream (so a pump that
         # failed, was cut part-way or was cancelled from outside still counts right).
@@ -345,16 +369,38 @@ class RawResponseSink:
                 first = trailing[: framing.length]
                 await self.send_head(data + first, status)
                 rest = framing.length - len(first)
+                clean = len(trailing) == len(first)
                 if rest:
+                    data = first = trailing = b""
                     call.watch_downstream()
                     await pump_length(up.stream, down, bulk_buffer(rest, buf), rest, idle)
-                return len(trailing) == len(first)
+                return clean
             if kind == "chunked":
-                return await self._relay_chunked(data, status, trailing, up.stream, idle, call)
+                # Passed through to HTTP/1.1, decoded for HTTP/1.0.
+                scanner = ChunkedScanner()
+                spans: list[tuple[int, int]] = []
+                try:
+                    end = scanner.feed(trailing, 0, None, spans)
+                except ChunkedError:
+                    raise FramingError("bad chunk") from None
+                if self.client_11:
+                    first = trailing[:end]
+                else:
+                    first = b"".join(trailing[s:e] for s, e in spans)
+                await self.send_head(data + first, status)
+                leftover = trailing[end:]
+                if not scanner.done:
+                    data = first = trailing = b""
+                    spans.clear()
+                    call.watch_downstream()
+                    pump = pump_chunked if self.client_11 else pump_chunked_decoded
+                    _, leftover = await pump(up.stream, down, buf, scanner, idle)
+                return not leftover
             first = trailing
             if out is CHUNKED and first:
                 first = encode_chunk_header(len(first)) + first + b"\r\n"
             await self.send_head(data + first, status)
+            data = first = trailing = b""
             call.watch_downstream()
             await pump_until_close(up.stream, down, buf, idle, chunk_encode=out is CHUNKED)
             return False
@@ -370,46 +416,12 @@ class RawResponseSink:
             if kind != "none":
                 rec.bytes_out = max(0, down.bytes_sent - body_from)
 
-    async def _relay_chunked(
-        self, head: bytes, status: int, trailing: bytes, up: Stream, idle: float, call: UpstreamCall
-    ) -> bool:
-        """Chunked upstream body: passed through to HTTP/1.1, decoded for HTTP/1.0."""
-        scanner = ChunkedScanner()
-        spans: list[tuple[int, int]] = []
-        try:
-            end = scanner.feed(trailing, 0, None, spans)
-        except ChunkedError:
-            raise FramingError("bad chunk") from None
-        first = trailing[:end] if self.client_11 else b"".join(trailing[s:e] for s, e in spans)
-        await self.send_head(head + first, status)
-        leftover = trailing[end:]
-        if not scanner.done:
-            call.watch_downstream()
-            pump = pump_chunked if self.client_11 else pump_chunked_decoded
-            _, leftover = await pump(up, self._down.stream, self.buf, scanner, idle)
-        return not leftover
-
-    async def _relay_sse(
-        self, head: ResponseHead, start: bytes, up: Stream, idle: float, call: UpstreamCall
-    ) -> bool:
-        headers = downstream_response_headers(
+    def _headers(self, head: ResponseHead, out: Framing, keep_length: bool) -> Headers:
+        """The response head's fields as the client gets them."""
+        return downstream_response_headers(
             head.headers,
             request_id=self._ledger.request_id,
-            framing=CHUNKED if self.client_11 else UNTIL_CLOSE,
-            keep_length=False,
+            framing=out,
+            keep_length=keep_length,
             close=self.close,
-        )
-        await self.send_head(serialize_head(start, headers), head.status)
-        call.watch_downstream()
-        return await relay_sse(
-            self._ledger,
-            up=up,
-            down=self._down.stream,
-            buf=self.buf,
-            trailing=head.trailing,
-            kind=head.framing.kind,
-            length=head.framing.length,
-            idle=idle,
-            chunked_out=self.client_11,
-            errors=self.sse_errors,
         )

@@ -1,8 +1,9 @@
 """The upstream calls waiting for a response head without their downstream watch.
 
-The upstream core starts a task watching the downstream (the client going away
-cancels the exchange) only when the exchange waits: a task costs more than a small
-exchange. Rather than a timer per exchange (a cancel scope costs more than the
+The upstream core starts the downstream watch (the client going away cancels the
+exchange: a task, or on the native front end a registration in the process's
+:mod:`~proxycore.net.watch`) only when the exchange waits: even that costs more than
+a small exchange. Rather than a timer per exchange (a cancel scope costs more than the
 exchange too), each call waiting for its head is entered here with the time its
 wait becomes slow; one system task per trio run, running only while some call
 waits, starts the watch of those still waiting at ``FAST_WAIT_S``.
@@ -19,7 +20,7 @@ __all__ = ["FAST_WAIT_S", "SlowHeads", "Watchable", "slow_heads"]
 
 log: Final = logging.getLogger("proxycore.upstream")
 
-#: How long a response head may take before the downstream is watched by a task.
+#: How long a response head may take before the downstream is watched.
 FAST_WAIT_S: Final = 0.005
 
 

@@ -24,7 +24,10 @@ everything else happens here, once:
    work (a body still coming), when the front end can't watch cheaply
    (``RequestBody.eager``) or over TLS (a TLS read must not be cancelled); else
    when the response head is slower than :data:`FAST_WAIT_S`, or when a body
-   is pumped. A task costs more than a small exchange (~110 us).
+   is pumped. A task costs more than a small exchange (~110 us). Where the front
+   end hands a :class:`WatchedClient` (native, plain sockets) and nothing is left
+   to send, there is no nursery and no task: the client socket joins the
+   process's :mod:`~proxycore.net.watch`, which cancels the try's scope.
 4. The response head (:class:`~proxycore.http.response_head.ResponseHeadReader`,
    ``response`` timeout from the end of the request body), the
    ``on_response_head`` hook, the framing, the SSE headers; then the sink
@@ -44,7 +47,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple, Protocol
+from contextlib import nullcontext
+from typing import Final, Protocol
 
 import h11
 import trio
@@ -62,7 +66,6 @@ from ..errors import (
 )
 from ..http.headers import (
     FRAMING_FIELDS,
-    Framing,
     Headers,
     add_sse_headers,
     is_sse,
@@ -78,10 +81,12 @@ from ..net.pool import (
     open_connection,
     with_stale_retry,
 )
-from ..net.stream import CHUNK, SendTimeout, Stream, StreamBroken, TLSStream
+from ..net.stream import CHUNK, RawStream, SendTimeout, Stream, StreamBroken, TLSStream
+from ..net.watch import AVAILABLE, downstream_watch
 from ..proxy.attempts import Attempts, HeadFor
 from ..proxy.ledger import Ledger
 from ..proxy.slow_heads import FAST_WAIT_S, slow_heads
+from ..proxy.upstream_types import RequestBody, ResponseHead, WatchedClient
 from ..upstreams.group import Member
 
 __all__ = [
@@ -91,7 +96,11 @@ __all__ = [
     "ResponseHead",
     "ResponseSink",
     "UpstreamCall",
+    "WatchedClient",
 ]
+
+
+_NO_SCOPE: Final = nullcontext()
 
 
 class _Retry(Exception):
@@ -111,46 +120,6 @@ def _kind(exc: UpstreamError) -> str:
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
     return "other"
-
-
-class RequestBody(Protocol):
-    """Where the rest of the request body comes from (native: the client socket;
-    ASGI: ``receive()``)."""
-
-    #: The whole body went upstream (in the head's write, or pumped since).
-    done: bool
-    #: Start the body side with the exchange, even with no body left to pump.
-    eager: bool
-
-    async def send_rest(self, up: Stream, idle: float) -> bool:
-        """Pump the rest of the body to ``up``: True (and :attr:`done` set) once all of
-        it went, False if the upstream stopped reading (its response decides).
-
-        ``idle`` is the route's ``client_body``: the longest silence between two reads.
-        Raises :class:`~proxycore.errors.ProxyError` for a downstream failure (gone,
-        stalled for ``idle``, malformed, too large).
-        """
-        ...
-
-    async def wait_gone(self) -> bool:
-        """After the body: True once the downstream went away; False as soon as that
-        can no longer be told, or no longer matters."""
-        ...
-
-
-class ResponseHead(NamedTuple):
-    """The upstream's final response head, after the ``on_response_head`` hook."""
-
-    status: int
-    reason: bytes
-    headers: Headers
-    framing: Framing
-    #: What the head allows: HTTP/1.1, no ``Connection: close``, not close-delimited.
-    reusable: bool
-    #: Body bytes read with the head.
-    trailing: bytes
-    #: An event stream (``text/event-stream`` with a body); the SSE headers were added.
-    sse: bool
 
 
 class ResponseSink(Protocol):
@@ -186,15 +155,20 @@ class UpstreamCall:
 
     __slots__ = (
         "_attempts",
+        "_client",
         "_client_bytes",
         "_conn",
         "_expect",
         "_head",
+        "_head_for",
         "_member",
         "_nursery",
         "_open",
         "_response_scope",
+        "_reusable",
+        "_scope",
         "_try_deadline",
+        "_watched",
         "_watching",
         "body",
         "ledger",
@@ -217,18 +191,28 @@ class UpstreamCall:
         timeouts: Timeouts,
         server: ServerSettings,
         connect: Callable[[Origin], Awaitable[UpstreamConnection]] = open_connection,
+        client: WatchedClient | None = None,
     ) -> None:
-        """``connect`` opens a new upstream connection (tests script one)."""
+        """``connect`` opens a new upstream connection (tests script one); ``client``: the
+        body's downstream can be watched without a task (see the module docstring)."""
         self.ledger, self.pool, self.body, self.sink = ledger, pool, body, sink
         self._open = connect
         self.method, self.timeouts, self.server = method, timeouts, server
         #: A failure of the body side (it cancelled the exchange); raised as itself.
         self.side_error: Exception | None = None
         self._head = b""
+        #: Each try's head (dropped once the response starts: no try after it).
+        self._head_for: HeadFor | None = None
         self._expect = False
         self._conn: UpstreamConnection | None = None
         self._nursery: trio.Nursery | None = None
+        self._client = client
+        #: The try's scope when it runs without a nursery (the watch cancels it).
+        self._scope: trio.CancelScope | None = None
+        #: The client stream registered in the process's downstream watch.
+        self._watched: RawStream | None = None
         self._watching = False
+        self._reusable = False
         self._response_scope: trio.CancelScope | None = None
         self._attempts: Attempts | None = None
         self._member: Member | None = None
@@ -249,48 +233,44 @@ class UpstreamCall:
         try another upstream while ``attempts`` says so. ``retry``: the request may go
         again on a new connection if a pooled one was stale. Raises
         :class:`~proxycore.errors.ProxyError`."""
-        self._expect, self._attempts = expect_continue, attempts
+        self._expect, self._attempts, self._head_for = expect_continue, attempts, head_for
+        del head_for  # held by the call alone: dropped once the response starts
         total = self.timeouts.total
-        scope = None
-        if not total:  # no scope at all (~17 us each): most routes have no total
-            await self._tries(attempts, head_for, retry)
-        else:
-            with trio.CancelScope(deadline=self.ledger.record.started + total) as scope:
-                await self._tries(attempts, head_for, retry)
+        # No scope at all without a total (~17 us each): most routes have none.
+        scope = trio.CancelScope(deadline=self.ledger.record.started + total) if total else None
+        with scope or _NO_SCOPE:  # the tries, in this frame (a held stream's await chain)
+            member = attempts.first()
+            per_try = attempts.policy.per_try_timeout
+            while True:
+                assert self._head_for is not None  # dropped only once no other try follows
+                origin, self._head = self._head_for(member)
+                self._member = member
+                self._try_deadline = trio.current_time() + per_try if per_try else math.inf
+                member.active += 1
+                try:
+                    await with_stale_retry(
+                        self.pool, origin, self._attempt, connect=self._connect, retry=retry
+                    )
+                    break
+                except _Retry as again:
+                    nxt = again.member
+                except StaleConnection:
+                    raise UpstreamReset("upstream closed the connection") from None
+                except UpstreamError as exc:
+                    if exc is self.side_error:
+                        raise
+                    other = attempts.errored(member, _kind(exc), retry_ok=not self._client_bytes)
+                    if other is None:
+                        raise
+                    nxt = other
+                finally:
+                    member.active -= 1
+                member = nxt
         if scope is not None and scope.cancelled_caught:
             raise UpstreamTimeout(
                 f"exchange exceeded the total timeout of route {self.ledger.record.route!r} "
                 f"({total:g} s)"
             )
-
-    async def _tries(self, attempts: Attempts, head_for: HeadFor, retry: bool) -> None:
-        """Each try on its upstream until one answers or ``attempts`` allows no other."""
-        member = attempts.first()
-        per_try = attempts.policy.per_try_timeout
-        while True:
-            origin, self._head = head_for(member)
-            self._member = member
-            self._try_deadline = trio.current_time() + per_try if per_try else math.inf
-            member.active += 1
-            try:
-                await with_stale_retry(
-                    self.pool, origin, self._attempt, connect=self._connect, retry=retry
-                )
-                return
-            except _Retry as again:
-                nxt = again.member
-            except StaleConnection:
-                raise UpstreamReset("upstream closed the connection") from None
-            except UpstreamError as exc:
-                if exc is self.side_error:
-                    raise
-                other = attempts.errored(member, _kind(exc), retry_ok=not self._client_bytes)
-                if other is None:
-                    raise
-                nxt = other
-            finally:
-                member.active -= 1
-            member = nxt
 
     @property
     def _where(self) -> str:
@@ -338,22 +318,37 @@ class UpstreamCall:
                 self._client_bytes = True
                 await self.sink.send_continue()
             main_error: Exception | None = None
-            async with trio.open_nursery() as nursery:
-                self._nursery, self._conn, self._watching = nursery, conn, False
-                if not body.done or body.eager or isinstance(conn.stream, TLSStream):
-                    self.watch_downstream()
-                try:
-                    head = await self._response_head(conn)
-                    self._client_bytes = True
-                    reusable = await self.sink.respond(head, conn, self) and head.reusable
-                except Exception as exc:
-                    # Kept out of the nursery (any exception): it would wrap it in an
-                    # ExceptionGroup; raised as itself below.
-                    main_error = exc
-                finally:
-                    self._nursery = None
-                    if self._watching:  # else no child: cancel() is not free (task reprs)
-                        nursery.cancel_scope.cancel()
+            fast = AVAILABLE and self._client is not None and not body.eager
+            if fast and body.done and type(conn.stream) is RawStream:
+                # Nothing to send: no nursery, no task; the process's downstream watch
+                # (started when the exchange waits) cancels this scope.
+                with trio.CancelScope() as self._scope:
+                    self._conn, self._watching = conn, False
+                    try:
+                        # The head's only reference is the sink's frame (freed by it).
+                        ok = await self.sink.respond(await self._response_head(conn), conn, self)
+                        reusable = ok and self._reusable
+                    except Exception as exc:
+                        main_error = exc
+                    finally:
+                        self._scope = None
+                        self._unwatch()
+            else:
+                async with trio.open_nursery() as nursery:
+                    self._nursery, self._conn, self._watching = nursery, conn, False
+                    if not body.done or body.eager or isinstance(conn.stream, TLSStream):
+                        self.watch_downstream()
+                    try:
+                        ok = await self.sink.respond(await self._response_head(conn), conn, self)
+                        reusable = ok and self._reusable
+                    except Exception as exc:
+                        # Kept out of the nursery (any exception): it would wrap it in an
+                        # ExceptionGroup; raised as itself below.
+                        main_error = exc
+                    finally:
+                        self._nursery = None
+                        if self._watching:  # else no child: cancel() is not free (task reprs)
+                            nursery.cancel_scope.cancel()
             if self.side_error is not None:
                 raise self.side_error
             if main_error is not None:
@@ -370,10 +365,30 @@ class UpstreamCall:
     def watch_downstream(self) -> None:
         """Start the body side (rest of the request body, then the downstream watch)
         if it is not running yet. Idempotent; a no-op outside an attempt."""
+        if self._watching:
+            return
         nursery = self._nursery
-        if nursery is not None and not self._watching:
+        if nursery is not None:
             self._watching = True
             nursery.start_soon(self._body_side)
+        elif self._scope is not None and self._client is not None:
+            self._watching = True
+            stream = self._client.watch_stream()
+            if stream is not None and downstream_watch().add(stream, self._downstream_ready):
+                self._watched = stream
+
+    def _downstream_ready(self, closed: bool) -> None:
+        """The process's watch saw the client socket: closed, or bytes came (the watch
+        ends, as :meth:`RequestBody.wait_gone` returning False)."""
+        self._watched = None
+        if closed:
+            self.abort(ClientGone("client went away"))
+
+    def _unwatch(self) -> None:
+        stream = self._watched
+        if stream is not None:
+            self._watched = None
+            downstream_watch().discard(stream)
 
     async def _body_side(self) -> None:
         body = self.body
@@ -396,6 +411,8 @@ class UpstreamCall:
         self.side_error = exc
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+        elif self._scope is not None:
+            self._scope.cancel()
 
     # -- the response head ---------------------------------------------------
 
@@ -473,6 +490,9 @@ class UpstreamCall:
         sse = framing.kind != "none" and is_sse(headers)
         if sse:
             add_sse_headers(headers)
+        # From here a byte goes to the client: no other try, no need of the request head.
+        self._client_bytes, self._head, self._reusable = True, b"", reusable
+        self._head_for = None
         return ResponseHead(
             status, response.reason, headers, framing, reusable, reader.trailing, sse
         )
