@@ -64,15 +64,12 @@ class ClientConnection:
         "pending",
         "state",
         "stream",
-        "wbuf",
     )
 
     def __init__(self, sock: socket.socket, peer_ip: str, state: ProxyState) -> None:
         self.stream = RawStream(sock)
         self.peer_ip = peer_ip
         self.state = state
-        #: Write buffer (upstream -> client). Reads use a buffer of their own (:attr:`rbuf`).
-        self.wbuf = bytearray(CHUNK)
         #: Bytes received past the current request (the start of the next one).
         self.pending = b""
         #: Set when a reply was sent with unread client bytes possibly left: close gently.
@@ -224,18 +221,23 @@ class ClientConnection:
                 discarded += n
 
     @property
+    def wbuf(self) -> bytearray:
+        """The buffer of one response (its head's reads, a Content-Length body's pump): made
+        per exchange and dropped by the sink before a streamed body, so a connection
+        holding a stream open holds no buffer."""
+        return bytearray(CHUNK)
+
+    @property
     def rbuf(self) -> bytearray:
         """A buffer for one read loop (a request body pump, a head): made when one starts,
         so a connection holding a stream open for an hour holds no read buffer."""
         return bytearray(CHUNK)
 
     async def _recv(self) -> bytes:
-        buf = self.rbuf
         try:
-            n = await self.stream.recv_into(buf, CHUNK)
+            return await self.stream.recv(CHUNK)  # a fresh bytes: no buffer, no copy
         except StreamBroken:
             return b""
-        return bytes(buf[:n])
 
     async def _refuse(self, exc: DownstreamError, method: bytes = b"") -> None:
         """Answer a request whose head was refused, log it, and (always) close."""

@@ -70,6 +70,8 @@ from ..proxy.upstream import ResponseHead, UpstreamCall
 __all__ = ["CONTINUE", "ClientSide", "RawRequestBody", "RawResponseSink"]
 
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: What the sink's ``buf`` becomes once the response head is read (see ``respond``).
+_NO_BUF: Final = bytearray()
 
 
 class ClientSide(Protocol):
@@ -337,6 +339,7 @@ class RawResponseSink:
             out = CHUNKED if self.client_11 else UNTIL_CLOSE
             data = serialize_head(start, self._headers(head, out, False))
             del head
+            self.buf = _NO_BUF  # read in fresh bytes: a held stream holds no buffer
             await self.send_head(data, status)
             del data
             call.watch_downstream()
@@ -344,7 +347,7 @@ class RawResponseSink:
                 ledger,
                 up=up.stream,
                 down=self._down.stream,
-                buf=self.buf,
+                buf=None,
                 trailing=trailing,
                 kind=kind,
                 length=framing.length,
@@ -357,7 +360,10 @@ class RawResponseSink:
         )
         del head
         rec = ledger.record
-        down, buf = self._down.stream, self.buf
+        # The head is read: a body streamed in fresh bytes (chunked, until close) needs no
+        # buffer, so none is held while a stream waits; a Content-Length body's pump keeps
+        # this one (or a bulk one).
+        down, buf, self.buf = self._down.stream, self.buf, _NO_BUF
         # bytes_out: the body bytes that left, counted by the stream (so a pump that
         # failed, was cut part-way or was cancelled from outside still counts right).
         body_from = down.bytes_sent + len(data)
@@ -394,15 +400,17 @@ class RawResponseSink:
                     spans.clear()
                     call.watch_downstream()
                     pump = pump_chunked if self.client_11 else pump_chunked_decoded
-                    _, leftover = await pump(up.stream, down, buf, scanner, idle)
+                    del buf
+                    _, leftover = await pump(up.stream, down, None, scanner, idle)
                 return not leftover
             first = trailing
             if out is CHUNKED and first:
                 first = encode_chunk_header(len(first)) + first + b"\r\n"
             await self.send_head(data + first, status)
             data = first = trailing = b""
+            del buf
             call.watch_downstream()
-            await pump_until_close(up.stream, down, buf, idle, chunk_encode=out is CHUNKED)
+            await pump_until_close(up.stream, down, None, idle, chunk_encode=out is CHUNKED)
             return False
         except SourceFailed as exc:
             raise UpstreamReset(f"upstream failed mid-body: {exc}") from None
