@@ -147,13 +147,6 @@ class RawStream:
     def write_cut(self) -> bool:
         return self._cut
 
-    def assume_readable(self) -> None:
-        """The peer has likely sent by now (a keep-alive client's next request, once the
-        response went out): the next read tries the socket before waiting for it. Under
-        load the bytes are usually there, and a failing ``recv`` costs less than a trip
-        through trio's scheduler (``epoll_ctl``, a park and a wake-up)."""
-        self._drained = False
-
     async def recv_into(self, buf: bytearray, nbytes: int) -> int:
         sock = self.sock
         if self._drained:
