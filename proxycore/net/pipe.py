@@ -26,8 +26,12 @@ Invariants (the reason this module exists):
   fire only where nothing was consumed or written: in a read's wait (a ``RawStream``
   read is a cancel point only before it takes bytes), or in a write that blocks,
   and a blocking write first makes the deadline exact (``RawStream.on_block``), so
-  a write is cancelled part-way (a cut) exactly when it was before. Other streams
-  (TLS, in-memory) move the deadline after every chunk.
+  a write is cancelled part-way (a cut) exactly when it was before. A read can
+  complete in the scheduler pass in which the stale deadline passes (the scope is
+  then marked cancelled without raising): its bytes are held, the scope is left and
+  they are written under a fresh one (a write in the marked scope would be cancelled
+  at once, cutting a live stream). Other streams (TLS, in-memory) move the deadline
+  after every chunk.
 
 Each pump raises :class:`SourceFailed` (read error, or the source ended
 before the body did), :class:`SinkFailed` (write error), :class:`FramingError`
@@ -179,18 +183,27 @@ async def pump_length(src: Stream, dst: Stream, buf: bytearray, remaining: int, 
     at most ``len(buf)`` bytes (see :func:`bulk_buffer`)."""
     view = memoryview(buf)
     size = len(buf)
-    moved = 0
-    writing = False
+    moved = n = 0
+    writing = held = False
     t = _Idle(src, dst, idle)
     now, exact = t.now, not t.lazy
     try:
         while remaining:
             with t.arm() as scope:
                 while remaining:
-                    try:
-                        n = await src.recv_into(buf, size if remaining > size else remaining)
-                    except StreamBroken as exc:
-                        raise SourceFailed(str(exc)) from None
+                    if held:
+                        held = False
+                    else:
+                        try:
+                            n = await src.recv_into(buf, size if remaining > size else remaining)
+                        except StreamBroken as exc:
+                            raise SourceFailed(str(exc)) from None
+                        if not exact and scope.cancel_called:
+                            # The stale lazy deadline passed as these bytes came (one
+                            # scheduler pass): handle them under a fresh scope, never
+                            # this one (a write in it would be cancelled at once).
+                            held, t.last = True, now()
+                            break
                     if not n:
                         raise SourceFailed(f"body ended {remaining} bytes early")
                     writing = True
@@ -242,6 +255,8 @@ async def pump_chunked(
     moved = 0
     leftover = b""
     writing = False
+    held = False  # bytes read under a scope whose stale deadline passed
+    n = 0
     t = _Idle(src, dst, idle)
     now, exact, feed = t.now, not t.lazy, scanner.feed
     try:
@@ -250,14 +265,23 @@ async def pump_chunked(
                 while not scanner.done:
                     # The read and the write inline (not through wrappers): this loop
                     # runs once per SSE event, and a coroutine call per step costs.
-                    try:
-                        if recv is None:
-                            n = await src.recv_into(rbuf, CHUNK)
-                        else:
-                            data = await recv(CHUNK)
-                            n = len(data)
-                    except StreamBroken as exc:
-                        raise SourceFailed(str(exc)) from None
+                    if held:
+                        held = False
+                    else:
+                        try:
+                            if recv is None:
+                                n = await src.recv_into(rbuf, CHUNK)
+                            else:
+                                data = await recv(CHUNK)
+                                n = len(data)
+                        except StreamBroken as exc:
+                            raise SourceFailed(str(exc)) from None
+                        if not exact and scope.cancel_called:
+                            # The stale lazy deadline passed as these bytes came (one
+                            # scheduler pass): handle them under a fresh scope, never
+                            # this one (a write in it would be cancelled at once).
+                            held, t.last = True, now()
+                            break
                     if not n:
                         raise SourceFailed("chunked body ended before its last chunk")
                     try:
@@ -308,20 +332,31 @@ async def pump_chunked_decoded(
     leftover = b""
     spans: list[tuple[int, int]] = []
     writing = False
+    held = False  # bytes read under a scope whose stale deadline passed
+    n = 0
     t = _Idle(src, dst, idle)
     now, exact = t.now, not t.lazy
     try:
         while not scanner.done:
             with t.arm() as scope:
                 while not scanner.done:
-                    try:
-                        if recv is None:
-                            n = await src.recv_into(rbuf, CHUNK)
-                        else:
-                            view = memoryview(await recv(CHUNK))
-                            n = len(view)
-                    except StreamBroken as exc:
-                        raise SourceFailed(str(exc)) from None
+                    if held:
+                        held = False
+                    else:
+                        try:
+                            if recv is None:
+                                n = await src.recv_into(rbuf, CHUNK)
+                            else:
+                                view = memoryview(await recv(CHUNK))
+                                n = len(view)
+                        except StreamBroken as exc:
+                            raise SourceFailed(str(exc)) from None
+                        if not exact and scope.cancel_called:
+                            # The stale lazy deadline passed as these bytes came (one
+                            # scheduler pass): handle them under a fresh scope, never
+                            # this one (a write in it would be cancelled at once).
+                            held, t.last = True, now()
+                            break
                     if not n:
                         raise SourceFailed("chunked body ended before its last chunk")
                     spans.clear()
@@ -363,6 +398,8 @@ async def pump_until_close(
     data: bytes | memoryview = view
     moved = 0
     writing = False
+    held = False  # bytes read under a scope whose stale deadline passed
+    n = 0
     ended = False
     t = _Idle(src, dst, idle)
     now, exact = t.now, not t.lazy
@@ -370,15 +407,24 @@ async def pump_until_close(
         while not ended:
             with t.arm() as scope:
                 while True:
-                    try:
-                        if recv is None:
-                            n = await src.recv_into(rbuf, CHUNK)
-                            data = view[:n]
-                        else:
-                            data = await recv(CHUNK)
-                            n = len(data)
-                    except StreamBroken as exc:
-                        raise SourceFailed(str(exc)) from None
+                    if held:
+                        held = False
+                    else:
+                        try:
+                            if recv is None:
+                                n = await src.recv_into(rbuf, CHUNK)
+                                data = view[:n]
+                            else:
+                                data = await recv(CHUNK)
+                                n = len(data)
+                        except StreamBroken as exc:
+                            raise SourceFailed(str(exc)) from None
+                        if not exact and scope.cancel_called:
+                            # The stale lazy deadline passed as these bytes came (one
+                            # scheduler pass): handle them under a fresh scope, never
+                            # this one (a write in it would be cancelled at once).
+                            held, t.last = True, now()
+                            break
                     if not n:
                         ended = True
                         break

@@ -20,6 +20,11 @@ Rules for the owner of a registration:
 - A callback runs inside the system task: it must not block, and whatever it raises is
   logged, never raised (a system task's exception would end the whole trio run).
 
+A stream the epoll set can't take (the set can't be made: out of descriptors; the kernel
+refuses the registration: ``max_user_watches``, memory), and every stream watched when
+the watch itself failed, is watched by a system task of its own instead, as before
+this module existed: a watch is never silently dropped.
+
 The task is spawned on the first registration and ends once nothing was registered for
 ``linger`` seconds (so a run of short streams doesn't spawn a task each).
 """
@@ -54,12 +59,14 @@ OnReady = Callable[[bool], None]
 class DownstreamWatch:
     """The watched client sockets of one trio run (see the module docstring)."""
 
-    __slots__ = ("_epoll", "_regs", "_running", "_scope", "linger", "starts")
+    __slots__ = ("_epoll", "_regs", "_running", "_scope", "_tasks", "linger", "starts")
 
     def __init__(self) -> None:
         self._epoll: select.epoll | None = None
         #: fd -> (stream, callback).
         self._regs: dict[int, tuple[RawStream, OnReady]] = {}
+        #: Streams the epoll set could not take, each watched by a task of its own.
+        self._tasks: dict[RawStream, trio.CancelScope] = {}
         self._running = False
         #: The system task's wait (its deadline is the linger once nothing is watched).
         self._scope: trio.CancelScope | None = None
@@ -68,7 +75,7 @@ class DownstreamWatch:
         self.starts = 0
 
     def __len__(self) -> int:
-        return len(self._regs)
+        return len(self._regs) + len(self._tasks)
 
     @property
     def running(self) -> bool:
@@ -76,14 +83,17 @@ class DownstreamWatch:
 
     def add(self, stream: RawStream, on_ready: OnReady) -> bool:
         """Watch ``stream`` until it is readable, then ``on_ready(closed)`` once. False if
-        it can't be watched here (no epoll on this platform, a closed socket): the caller
-        watches it some other way."""
+        it can't be watched (no epoll on this platform, a closed socket, no task can be
+        started); a stream the epoll set refuses gets a task of its own (see module)."""
         fd = stream.sock.fileno()
         if not AVAILABLE or fd < 0:
             return False
         epoll = self._epoll
         if epoll is None:
-            epoll = self._epoll = select.epoll()
+            try:
+                epoll = self._epoll = select.epoll()
+            except OSError:  # out of descriptors or memory: a task of its own
+                return self._fallback(stream, on_ready)
         try:
             if fd in self._regs:  # a stale entry (its socket closed unannounced): replaced
                 epoll.modify(fd, _MASK)
@@ -94,9 +104,9 @@ class DownstreamWatch:
         except OSError:
             try:  # the kernel forgot a stale entry's fd (closed): register it anew
                 epoll.register(fd, _MASK)
-            except OSError:
+            except OSError:  # the set is full (max_user_watches) or no memory
                 self._regs.pop(fd, None)
-                return False
+                return self._fallback(stream, on_ready)
         self._regs[fd] = (stream, on_ready)
         if not self._running:
             self._running = True
@@ -108,6 +118,10 @@ class DownstreamWatch:
 
     def discard(self, stream: RawStream) -> None:
         """Stop watching ``stream`` (if it is watched). Call before closing it."""
+        task = self._tasks.pop(stream, None)
+        if task is not None:
+            task.cancel()
+            return
         fd = stream.sock.fileno()
         reg = self._regs.get(fd)
         if reg is None or reg[0] is not stream:
@@ -162,16 +176,51 @@ class DownstreamWatch:
                 log.exception("a downstream watch callback failed")
 
     def _abandon(self) -> None:
-        """After a failure of the watch itself: every watch ends as if bytes came (the
-        exchanges go on unwatched, as when a watch can't tell)."""
+        """After a failure of the watch itself: each watched stream gets a task of its own
+        (the set is closed; the next registration makes a new one)."""
         regs, self._regs = self._regs, {}
-        for fd, (_, on_ready) in regs.items():
-            if self._epoll is not None:
-                self._forget(fd)
-            try:
-                on_ready(False)
-            except Exception:
-                log.exception("a downstream watch callback failed")
+        epoll, self._epoll = self._epoll, None
+        if epoll is not None:
+            epoll.close()
+        for stream, on_ready in regs.values():
+            self._fallback(stream, on_ready)
+
+    def _fallback(self, stream: RawStream, on_ready: OnReady) -> bool:
+        """Watch ``stream`` with a system task of its own (what the epoll set saves)."""
+        scope = trio.CancelScope()
+        self._tasks[stream] = scope
+        try:
+            trio.lowlevel.spawn_system_task(
+                self._watch_one, stream, on_ready, scope, name="proxycore downstream watch (one)"
+            )
+        except Exception:  # nothing left to watch with: the exchange goes on unwatched
+            log.exception("a downstream watch could not start")
+            del self._tasks[stream]
+            return False
+        return True
+
+    async def _watch_one(
+        self, stream: RawStream, on_ready: OnReady, scope: trio.CancelScope
+    ) -> None:
+        try:
+            closed: bool | None = None
+            with scope:
+                while closed is None:
+                    await trio.lowlevel.wait_readable(stream.sock)
+                    closed = stream.peek_closed()
+            if closed is None or self._tasks.get(stream) is not scope:
+                return  # discarded
+            del self._tasks[stream]
+            on_ready(closed)
+        except (trio.ClosedResourceError, OSError):
+            self._drop_task(stream, scope)  # closed under it: its owner is done with it
+        except Exception:  # a system task's exception would end the whole run
+            log.exception("a downstream watch callback failed")
+            self._drop_task(stream, scope)
+
+    def _drop_task(self, stream: RawStream, scope: trio.CancelScope) -> None:
+        if self._tasks.get(stream) is scope:
+            del self._tasks[stream]
 
 
 _WATCH: Final = trio.lowlevel.RunVar[DownstreamWatch]("proxycore_downstream_watch")

@@ -140,8 +140,12 @@ class ClientConnection:
             finally:
                 idle_waits.discard(idle)
                 idle.deadline = math.inf
-            if not data:
-                return None  # closed, or idle past the keep-alive timeout: close quietly
+            if not data or idle.cancel_called:
+                # Closed, or idle past the keep-alive timeout (or draining): close quietly.
+                # Bytes that came just as the deadline passed (one scheduler pass) are
+                # not read on: the scope stays cancelled and would cut the exchange after
+                # its request went upstream. Nothing was forwarded, so a retry is safe.
+                return None
             if not first:
                 deadline = trio.current_time() + server.header_timeout
         received: list[bytes] = []

@@ -238,7 +238,7 @@ async def test_a_failing_callback_is_logged_and_the_run_goes_on(
     await trio.lowlevel.checkpoint()  # the run is alive
 
 
-async def test_a_failure_of_the_watch_itself_ends_its_watches_not_the_run(
+async def test_a_failure_of_the_watch_itself_hands_its_watches_to_tasks_not_the_run(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.ERROR, logger="proxycore.downstream")
@@ -253,19 +253,24 @@ async def test_a_failure_of_the_watch_itself_ends_its_watches_not_the_run(
 
         monkeypatch.setattr(DownstreamWatch, "_dispatch", broken)
         a_peer.close()
-        await seen.until(2)
-        # Every watch ended as "can't tell" (the exchanges go on unwatched).
-        assert seen.calls == {"a": False, "b": False}
-        assert len(w) == 0
+        # The watch failed; each stream is now watched by a task of its own, so the
+        # close is still seen, and the other stream is still watched.
+        await seen.until(1)
+        assert seen.calls == {"a": True}
+        assert len(w) == 1
         await stopped(w)
         assert any("watch failed" in r.getMessage() for r in caplog.records)
         monkeypatch.undo()
         b_peer.close()
+        await seen.until(2)
+        assert seen.calls == {"a": True, "b": True}
+        assert len(w) == 0
         c, c_peer = socket.socketpair()
         try:
             w.add(RawStream(c), seen.callback("c"))
+            assert w.running  # a new epoll task serves new registrations
             c_peer.close()
-            await seen.until(3)  # a new task serves new registrations
+            await seen.until(3)
             assert seen.calls["c"] is True
         finally:
             c.close()
