@@ -11,6 +11,7 @@ from proxycore import Config, PoolSettings, Route, ServerSettings, Timeouts, ser
 from proxycore.tools.sim import ASGIApp, serve_app
 
 __all__ = [
+    "CountedUpstream",
     "http_request",
     "read_http_response",
     "read_until",
@@ -185,3 +186,36 @@ async def start_proxy(
     )
     addresses: list[tuple[str, int]] = await nursery.start(serve, config)
     return addresses[0]
+
+
+class CountedUpstream:
+    """A raw upstream (``start_raw_server(nursery, up.handler)``) that counts the
+    connections it opened and saw closed, and lets a test wait for those counts.
+    Subclasses answer in :meth:`serve`; a peer that goes away ends it quietly."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.closed = 0
+        self.changed = trio.Event()
+
+    def _note(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+    async def handler(self, stream: trio.SocketStream) -> None:
+        self.opened += 1
+        self._note()
+        try:
+            await self.serve(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the proxy closed or reset the connection: what the tests count
+        finally:
+            self.closed += 1
+            self._note()
+
+    async def until(self, *, opened: int = 0, closed: int = 0) -> None:
+        while self.opened < opened or self.closed < closed:
+            await self.changed.wait()

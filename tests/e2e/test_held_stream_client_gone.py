@@ -28,7 +28,7 @@ import trio
 from proxycore import Route
 from proxycore.config import SSESettings
 from proxycore.net.watch import downstream_watch
-from tests.helpers import read_until, start_proxy, start_raw_server
+from tests.helpers import CountedUpstream, read_until, start_proxy, start_raw_server
 
 CAP: Final = 20.0
 SSE_HEAD: Final = (
@@ -41,50 +41,32 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-class HeldUpstream:
+class HeldUpstream(CountedUpstream):
     """An upstream that sends an event-stream head and one event, then holds the stream
     until ``release`` (then one more event and the end) or until the proxy closes it."""
 
     def __init__(self, head_delay: float = 0.0) -> None:
+        super().__init__()
         self.head_delay = head_delay
-        self.opened = 0
-        self.closed = 0
-        self.changed = trio.Event()
         self.release = trio.Event()
 
-    def _note(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+    async def serve(self, stream: trio.SocketStream) -> None:
+        await read_until(stream, b"\r\n\r\n")
+        if self.head_delay:
+            with trio.move_on_after(self.head_delay):
+                await stream.receive_some(1024)  # b"": the proxy closed it
+                return
+        await stream.send_all(SSE_HEAD + chunk(EVENT))
+        async with trio.open_nursery() as nursery:
 
-    async def handler(self, stream: trio.SocketStream) -> None:
-        self.opened += 1
-        self._note()
-        try:
-            await read_until(stream, b"\r\n\r\n")
-            if self.head_delay:
-                with trio.move_on_after(self.head_delay):
-                    await stream.receive_some(1024)  # b"": the proxy closed it
-                    return
-            await stream.send_all(SSE_HEAD + chunk(EVENT))
-            async with trio.open_nursery() as nursery:
+            async def finish() -> None:
+                await self.release.wait()
+                await stream.send_all(chunk(b"data: two\n\n") + b"0\r\n\r\n")
 
-                async def finish() -> None:
-                    await self.release.wait()
-                    await stream.send_all(chunk(b"data: two\n\n") + b"0\r\n\r\n")
-
-                nursery.start_soon(finish)
-                # The proxy sends nothing more on this connection: a read ends at its close.
-                await stream.receive_some(1024)
-                nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self.closed += 1
-            self._note()
-
-    async def until(self, *, opened: int = 0, closed: int = 0) -> None:
-        while self.opened < opened or self.closed < closed:
-            await self.changed.wait()
+            nursery.start_soon(finish)
+            # The proxy sends nothing more on this connection: a read ends at its close.
+            await stream.receive_some(1024)
+            nursery.cancel_scope.cancel()
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:

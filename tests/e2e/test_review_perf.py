@@ -28,7 +28,7 @@ from proxycore.config import RetryPolicy, SSESettings, UpstreamEntry
 from proxycore.net.watch import downstream_watch
 from proxycore.ops.server import Server
 from tests.e2e.test_lifecycle import start_server
-from tests.helpers import read_until, start_proxy, start_raw_server
+from tests.helpers import CountedUpstream, read_until, start_proxy, start_raw_server
 
 CAP: Final = 30.0
 
@@ -212,42 +212,24 @@ SSE_HEAD: Final = (
 EVENT: Final = b"data: one\n\n"
 
 
-class Held:
+class Held(CountedUpstream):
     """Upstream connections that answer a slow SSE stream (after ``delay``) and hold it
     until the proxy closes them; ``closed`` counts the connections the proxy closed."""
 
     def __init__(self, delay: float = 0.0, status: bytes = b"200 OK") -> None:
+        super().__init__()
         self.delay = delay
         self.status = status
-        self.opened = 0
-        self.closed = 0
-        self.changed = trio.Event()
 
-    def _note(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
-
-    async def handler(self, stream: trio.SocketStream) -> None:
-        self.opened += 1
-        self._note()
-        try:
-            await read_until(stream, b"\r\n\r\n")
-            if self.status != b"200 OK":
-                await stream.send_all(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n" % self.status)
-            else:
-                await trio.sleep(self.delay)
-                await stream.send_all(SSE_HEAD + chunk(EVENT))
-            while await stream.receive_some(1024):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self.closed += 1
-            self._note()
-
-    async def until(self, *, opened: int = 0, closed: int = 0) -> None:
-        while self.opened < opened or self.closed < closed:
-            await self.changed.wait()
+    async def serve(self, stream: trio.SocketStream) -> None:
+        await read_until(stream, b"\r\n\r\n")
+        if self.status != b"200 OK":
+            await stream.send_all(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n" % self.status)
+        else:
+            await trio.sleep(self.delay)
+            await stream.send_all(SSE_HEAD + chunk(EVENT))
+        while await stream.receive_some(1024):
+            pass  # drain until the proxy closes the connection
 
 
 def rst(stream: trio.SocketStream) -> None:
